@@ -1,0 +1,112 @@
+"""The `densebench` command: argparse subcommands, each a thin call into its module.
+
+Exit codes: 0 done, 1 bad input (one line naming the file and the problem), 2 usage error.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from typing import List, Optional
+
+from densebench.errors import InputError
+
+PROTOCOLS = (
+    "svm_voc07", "lowshot_svm_voc07", "knn_imagenet",
+    "linear_imagenet_mhead", "linear_imagenet", "linear_places205_mhead", "linear_inat18_mhead",
+    "det_voc0712_c4", "det_coco_maskrcnn_fpn", "seg_voc12aug_fcn", "seg_cityscapes_fcn",
+)
+
+# subcommand -> "module:function"; imported only when used so `densebench --help` is instant
+HANDLERS = {
+    "data synth": "densebench.data.synth:main",
+    "data check": "densebench.data.check:main",
+    "pretrain": "densebench.pretrain.trainer:main",
+    "inspect": "densebench.evaluate.checkpoint:inspect_main",
+    "convert": "densebench.evaluate.convert:main",
+    "evaluate": "densebench.evaluate.runner:main",
+    "report": "densebench.results.report:main",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="densebench", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="synthetic benchmark data and dataset checks")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    synth = data_sub.add_parser("synth", help="write the synthetic benchmark in the real dataset layouts")
+    synth.add_argument("out", help="output root (gets imagenet/, VOCdevkit/, coco/, ...)")
+    synth.add_argument("--scale", choices=("tiny", "small"), default="tiny")
+    synth.add_argument("--seed", type=int, default=0)
+    check = data_sub.add_parser("check", help="report which dataset parts each protocol finds")
+    check.add_argument("root", help="data root (holds imagenet/, VOCdevkit/, coco/, ...)")
+    check.add_argument("--protocols", default="all", help="all or a comma-separated list")
+    check.add_argument("--json", action="store_true", help="machine-readable output")
+
+    pre = sub.add_parser("pretrain", help="DenseCL pre-training")
+    pre.add_argument("--data", required=True, help="ImageNet-style folder (train/ or meta/train.txt)")
+    pre.add_argument("--work-dir", required=True)
+    pre.add_argument("--preset", choices=("tiny", "paper"), default="paper")
+    pre.add_argument("--arch", default=None, help="resnet50 (default) or resnet18")
+    pre.add_argument("--resume", action="store_true", help="continue from WORK_DIR/latest")
+    pre.add_argument("--init-from", default=None, help="MMSelfSup/original DenseCL checkpoint to start from")
+    pre.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    pre.add_argument("--allow-unsafe-pickle", action="store_true")
+
+    ins = sub.add_parser("inspect", help="detect a checkpoint's format, architecture and fingerprint")
+    ins.add_argument("ckpt")
+    ins.add_argument("--arch", default=None)
+    ins.add_argument("--json", action="store_true")
+    ins.add_argument("--allow-unsafe-pickle", action="store_true",
+                     help="allow full unpickling (detectron2 .pkl, old pickles): runs code from the file")
+
+    conv = sub.add_parser("convert", help="export the backbone for torchvision, detectron2 or mmdet/mmseg")
+    conv.add_argument("ckpt")
+    conv.add_argument("--to", required=True, choices=("torchvision", "detectron2", "mmdet"))
+    conv.add_argument("--out", required=True)
+    conv.add_argument("--arch", default=None)
+    conv.add_argument("--allow-unsafe-pickle", action="store_true")
+
+    ev = sub.add_parser("evaluate", help="run protocols on one checkpoint, one record per protocol")
+    ev.add_argument("ckpt")
+    ev.add_argument("--data-root", required=True)
+    ev.add_argument("--protocols", default="all", help="all or a comma-separated list: " + ", ".join(PROTOCOLS))
+    ev.add_argument("--preset", choices=("tiny", "paper"), default="paper")
+    ev.add_argument("--out", default="results")
+    ev.add_argument("--name", default=None, help="display name of the checkpoint in reports")
+    ev.add_argument("--force", action="store_true", help="recompute cells that already have a record")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--save-features", default=None, metavar="DIR")
+    ev.add_argument("--arch", default=None)
+    ev.add_argument("--set", action="append", default=[], metavar="PROTOCOL.KEY=VALUE",
+                    help="override one protocol config field (recorded; the run is then not comparable)")
+    ev.add_argument("--workers", type=int, default=None, help="data-loading workers")
+    ev.add_argument("--allow-unsafe-pickle", action="store_true")
+
+    rep = sub.add_parser("report", help="markdown/CSV/PNG report from result records")
+    rep.add_argument("results_dir")
+    rep.add_argument("--out", default=None, help="markdown file (default RESULTS_DIR/report.md)")
+    rep.add_argument("--zoo", action="store_true", help="model-zoo table: one row per checkpoint")
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s: %(message)s", datefmt="%H:%M:%S")
+    key = f"data {args.data_command}" if args.command == "data" else args.command
+    module_name, func_name = HANDLERS[key].split(":")
+    handler = getattr(importlib.import_module(module_name), func_name)
+    try:
+        return int(handler(args) or 0)
+    except InputError as exc:
+        print(f"densebench {key}: error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

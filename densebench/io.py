@@ -1,0 +1,60 @@
+"""Atomic file writes: a checkpoint or a record is either complete on disk or absent.
+
+Everything is written to a temporary file in the destination directory, flushed and
+fsync'ed, then renamed over the destination (rename is atomic on POSIX within one
+filesystem), so a process killed mid-write never leaves a half-written file behind.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+
+@contextlib.contextmanager
+def atomic_path(dest: "str | os.PathLike") -> Iterator[Path]:
+    """Yield a temporary path next to `dest`; on success it is renamed to `dest`."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp_path, dest)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_bytes_atomic(dest: "str | os.PathLike", data: bytes) -> None:
+    with atomic_path(dest) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_text_atomic(dest: "str | os.PathLike", text: str) -> None:
+    write_bytes_atomic(dest, text.encode("utf-8"))
+
+
+def write_json_atomic(dest: "str | os.PathLike", obj: Any) -> None:
+    write_text_atomic(dest, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def torch_save_atomic(obj: Any, dest: "str | os.PathLike") -> None:
+    import torch
+
+    with atomic_path(dest) as tmp:
+        torch.save(obj, tmp)
+
+
+def numpy_save_atomic(dest: "str | os.PathLike", array) -> None:
+    import numpy as np
+
+    with atomic_path(dest) as tmp:
+        with open(tmp, "wb") as fh:
+            np.save(fh, array)
