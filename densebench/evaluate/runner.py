@@ -1,0 +1,206 @@
+"""`densebench evaluate`: run a list of protocols on one checkpoint, one record per cell.
+
+A cell is (checkpoint, protocol, config, seed). Cells whose record already exists are
+skipped unless --force, so an interrupted run continues where it stopped. Protocols whose
+data is missing are reported as skipped with the reason. Feature-based protocols run first
+so that they share the feature cache.
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import random
+import statistics
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+
+from densebench import distributed as dist_utils
+from densebench.config import config_dict, config_hash, is_paper_config, make_config, parse_set_options
+from densebench.errors import InputError
+from densebench.evaluate.checkpoint import CheckpointInfo, build_backbone
+from densebench.evaluate.context import ProtocolOutput, RunContext
+from densebench.results.store import load_records, record_key, record_path, versions, write_record
+
+log = logging.getLogger("densebench.evaluate")
+
+# Execution order: feature-based protocols first (they share the feature cache), then the
+# probes, then the fine-tuning transfers.
+PROTOCOL_ORDER = (
+    "svm_voc07", "lowshot_svm_voc07", "knn_imagenet",
+    "linear_imagenet_mhead", "linear_imagenet", "linear_places205_mhead", "linear_inat18_mhead",
+    "det_voc0712_c4", "det_coco_maskrcnn_fpn", "seg_voc12aug_fcn", "seg_cityscapes_fcn",
+)
+
+
+@dataclass
+class Cell:
+    protocol: str
+    module: Any
+    config: Any
+    preset_label: str
+    key: str
+    missing_data: List[str] = field(default_factory=list)
+    done: bool = False
+
+
+def parse_protocols(spec: str) -> List[str]:
+    if spec.strip() in ("", "all"):
+        return list(PROTOCOL_ORDER)
+    requested = [name.strip() for name in spec.split(",") if name.strip()]
+    unknown = [name for name in requested if name not in PROTOCOL_ORDER]
+    if unknown:
+        raise InputError(None, f"unknown protocol(s) {', '.join(unknown)}; known: {', '.join(PROTOCOL_ORDER)}")
+    return [name for name in PROTOCOL_ORDER if name in requested]
+
+
+def split_overrides(items: List[str], protocols: List[str]) -> Dict[str, Dict[str, Any]]:
+    """`--set svm_voc07.costs=[1.0]` -> {"svm_voc07": {"costs": [1.0]}}."""
+    per_protocol: Dict[str, Dict[str, Any]] = {name: {} for name in protocols}
+    for key, value in parse_set_options(items).items():
+        protocol, _, field_name = key.partition(".")
+        if not field_name or protocol not in PROTOCOL_ORDER:
+            raise InputError(None, f"--set expects PROTOCOL.FIELD=VALUE, got {key!r}")
+        if protocol in per_protocol:
+            per_protocol[protocol][field_name] = value
+    return per_protocol
+
+
+def protocol_module(name: str):
+    return importlib.import_module(f"densebench.protocols.{name}")
+
+
+def missing_data(data_root: Path, protocol: str) -> List[str]:
+    from densebench.data.check import missing_for_protocol
+
+    return missing_for_protocol(data_root, protocol)
+
+
+def estimate(results_dir: Path, protocol: str, preset: str) -> str:
+    """Cost estimate from earlier records of the same protocol and preset in this results dir."""
+    folder = results_dir / "records"
+    if not folder.is_dir():
+        return "unknown (no earlier run)"
+    walls = [r["wall_s"] for r in load_records(results_dir) if r["protocol"] == protocol and r["preset"] == preset]
+    if not walls:
+        return "unknown (no earlier run)"
+    return f"~{statistics.median(walls):.0f} s (median of {len(walls)} earlier run(s))"
+
+
+def plan_cells(args, protocols: List[str], info: CheckpointInfo, results_dir: Path, data_root: Path) -> List[Cell]:
+    overrides = split_overrides(args.set, protocols)
+    cells = []
+    for name in protocols:
+        module = protocol_module(name)
+        cfg, label = make_config(module.Config, name, args.preset, overrides[name])
+        key = record_key(name, info.sha256, config_hash(config_dict(cfg)), args.seed)
+        cell = Cell(name, module, cfg, label, key)
+        cell.done = record_path(results_dir, key).is_file() and not args.force
+        cell.missing_data = [] if cell.done else missing_data(data_root, name)
+        cells.append(cell)
+    return cells
+
+
+def print_plan(cells: List[Cell], info: CheckpointInfo, results_dir: Path, preset: str) -> None:
+    print(f"checkpoint: {info.path} ({info.format}, {info.arch}, sha256 {info.sha256[:12]})")
+    print(f"results:    {results_dir}")
+    width = max(len(c.protocol) for c in cells)
+    for cell in cells:
+        if cell.done:
+            status = "done (record exists; --force to redo)"
+        elif cell.missing_data:
+            status = "skip: " + "; ".join(cell.missing_data)
+        else:
+            status = f"run [{cell.preset_label}] est. {estimate(results_dir, cell.protocol, preset)}"
+        print(f"  {cell.protocol:<{width}}  {status}")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_record(cell: Cell, info: CheckpointInfo, name: str, output: ProtocolOutput, seed: int,
+                 device: torch.device, wall_s: float, started: str) -> Dict[str, Any]:
+    cfg = config_dict(cell.config)
+    comparable = cell.preset_label == "paper" and is_paper_config(cell.config)
+    return {
+        "protocol": cell.protocol,
+        "checkpoint": dict(info.record(), name=name),
+        "metrics": output.metrics,
+        "config": cfg,
+        "config_hash": config_hash(cfg),
+        "preset": cell.preset_label,
+        "comparable": comparable,
+        "seed": seed,
+        "world_size": dist_utils.world_size(),
+        "device": dist_utils.device_description(device),
+        "wall_s": round(wall_s, 2),
+        "started": started,
+        "versions": versions(),
+        "data": output.data,
+        "extra": output.extra,
+    }
+
+
+def run_cell(cell: Cell, args, info: CheckpointInfo, results_dir: Path, data_root: Path,
+             device: torch.device) -> Path:
+    ctx = RunContext(
+        checkpoint=Path(args.ckpt), data_root=data_root,
+        work_dir=results_dir / "work" / cell.key, cache_dir=results_dir / "cache" / "features",
+        seed=args.seed, device=device, arch=args.arch, allow_unsafe_pickle=args.allow_unsafe_pickle,
+        save_features_dir=Path(args.save_features) if args.save_features else None,
+        num_workers=args.workers if args.workers is not None else 0,
+    )
+    ctx.work_dir.mkdir(parents=True, exist_ok=True)
+    seed_everything(args.seed)
+    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    tic = time.perf_counter()
+    output = cell.module.run(ctx, cell.config)
+    wall = time.perf_counter() - tic
+    name = args.name or Path(args.ckpt).stem
+    record = build_record(cell, info, name, output, args.seed, device, wall, started)
+    if dist_utils.is_main():
+        return write_record(results_dir, record)
+    return record_path(results_dir, cell.key)
+
+
+def main(args) -> int:
+    device = dist_utils.init_distributed()
+    data_root = Path(args.data_root)
+    if not data_root.is_dir():
+        raise InputError(data_root, "data root not found")
+    results_dir = Path(args.out)
+    protocols = parse_protocols(args.protocols)
+    # Load (strictly) before planning: a checkpoint that does not import fails here, exit 1.
+    _, info = build_backbone(args.ckpt, args.arch, args.allow_unsafe_pickle)
+    cells = plan_cells(args, protocols, info, results_dir, data_root)
+    if dist_utils.is_main():
+        print_plan(cells, info, results_dir, args.preset)
+    failures = []
+    for cell in cells:
+        if cell.done or cell.missing_data:
+            continue
+        log.info("running %s [%s]", cell.protocol, cell.preset_label)
+        try:
+            path = run_cell(cell, args, info, results_dir, data_root, device)
+        except InputError as exc:
+            log.error("%s failed: %s", cell.protocol, exc)
+            failures.append(f"{cell.protocol}: {exc}")
+            continue
+        if dist_utils.is_main():
+            print(f"  {cell.protocol}: record {path}")
+    skipped = [c for c in cells if c.missing_data and not c.done]
+    if dist_utils.is_main():
+        for cell in skipped:
+            print(f"  {cell.protocol}: skipped ({'; '.join(cell.missing_data)})")
+        for failure in failures:
+            print(f"  failed: {failure}")
+    dist_utils.barrier()
+    return 1 if failures else 0

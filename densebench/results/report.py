@@ -1,0 +1,407 @@
+"""`densebench report`: markdown, CSV and PNG reports regenerated from result records only.
+
+The page follows the published DenseCL results page: VOC07 SVM and low-shot, ImageNet linear
+(Feature1-5, AvgPool), Places205, iNat18, kNN, VOC detection, COCO, VOC-Aug and Cityscapes
+segmentation. Each of our numbers stands beside the published one with the delta, but only
+for comparable runs (paper protocol, unaltered config); tiny, fast or altered runs are marked
+and never shown as a reproduction. Output is a pure function of the records (and the
+pre-training logs under RESULTS_DIR/pretrain): the same inputs give byte-identical files.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import pandas as pd
+import yaml
+
+from densebench.errors import InputError
+from densebench.io import write_text_atomic
+from densebench.results.store import load_records
+
+PUBLISHED_FILE = Path(__file__).resolve().parent / "published.yaml"
+NOT_COMPARABLE = "‡"
+
+
+@dataclass(frozen=True)
+class Column:
+    header: str
+    protocol: str
+    metric: str          # dotted path into record["metrics"]
+
+
+@dataclass(frozen=True)
+class Section:
+    slug: str
+    title: str
+    columns: Tuple[Column, ...]
+
+
+LOWSHOT_KS = (1, 2, 4, 8, 16, 32, 64, 96)
+FEATURES = ("feat1", "feat2", "feat3", "feat4", "feat5")
+
+
+def _feature_columns(protocol: str) -> Tuple[Column, ...]:
+    return tuple(Column(f"Feature{i}", protocol, f"feat{i}.top1") for i in range(1, 6))
+
+
+SECTIONS: Tuple[Section, ...] = (
+    Section("voc07_svm", "VOC07 SVM and low-shot SVM (feature5, mAP %)",
+            (Column("SVM", "svm_voc07", "feat5.mAP"),)
+            + tuple(Column(f"k={k}", "lowshot_svm_voc07", f"feat5.k{k}.mAP") for k in LOWSHOT_KS)),
+    Section("imagenet_linear", "ImageNet linear evaluation (top-1 %)",
+            _feature_columns("linear_imagenet_mhead") + (Column("AvgPool", "linear_imagenet", "avgpool.top1"),)),
+    Section("places205_linear", "Places205 linear evaluation (top-1 %)", _feature_columns("linear_places205_mhead")),
+    Section("inat18_linear", "iNaturalist-2018 linear evaluation (top-1 %)", _feature_columns("linear_inat18_mhead")),
+    Section("imagenet_knn", "ImageNet k-NN (top-1 %)",
+            tuple(Column(f"k={k}", "knn_imagenet", f"k{k}.top1") for k in (10, 20, 100, 200))),
+    Section("voc_detection", "VOC07+12 detection, Faster R-CNN R50-C4 (VOC07 test, %)",
+            (Column("AP50", "det_voc0712_c4", "AP50"), Column("AP", "det_voc0712_c4", "AP"),
+             Column("AP75", "det_voc0712_c4", "AP75"))),
+    Section("coco_detection", "COCO Mask R-CNN R50-FPN 1x (val2017, %)",
+            tuple(Column(f"{kind} {m}", "det_coco_maskrcnn_fpn", f"{key}.{m}")
+                  for kind, key in (("box", "bbox"), ("mask", "segm")) for m in ("AP", "AP50", "AP75"))),
+    Section("segmentation", "Semantic segmentation, FCN R50-D8 (mIoU %)",
+            (Column("VOC12-Aug", "seg_voc12aug_fcn", "mIoU"), Column("Cityscapes", "seg_cityscapes_fcn", "mIoU"))),
+)
+
+ZOO_COLUMNS: Tuple[Column, ...] = (
+    Column("VOC SVM", "svm_voc07", "feat5.mAP"),
+    Column("Low-shot k=1", "lowshot_svm_voc07", "feat5.k1.mAP"),
+    Column("Low-shot k=96", "lowshot_svm_voc07", "feat5.k96.mAP"),
+    Column("IN F5", "linear_imagenet_mhead", "feat5.top1"),
+    Column("IN AvgPool", "linear_imagenet", "avgpool.top1"),
+    Column("Places F5", "linear_places205_mhead", "feat5.top1"),
+    Column("iNat F5", "linear_inat18_mhead", "feat5.top1"),
+    Column("kNN k=20", "knn_imagenet", "k20.top1"),
+    Column("VOC det AP50", "det_voc0712_c4", "AP50"),
+    Column("COCO box AP", "det_coco_maskrcnn_fpn", "bbox.AP"),
+    Column("COCO mask AP", "det_coco_maskrcnn_fpn", "segm.AP"),
+    Column("VOC seg mIoU", "seg_voc12aug_fcn", "mIoU"),
+    Column("City mIoU", "seg_cityscapes_fcn", "mIoU"),
+)
+
+
+# ---------------------------------------------------------------- published numbers
+def load_published(path: Path = PUBLISHED_FILE) -> Dict[str, Any]:
+    data = yaml.safe_load(path.read_text())
+    if not isinstance(data, dict) or "values" not in data:
+        raise InputError(path, "published numbers file lacks a `values` mapping")
+    return data
+
+
+def published_value(published: Dict[str, Any], column: Column) -> Optional[float]:
+    entry = (published["values"].get(column.protocol) or {}).get(column.metric)
+    return None if entry is None else float(entry["value"])
+
+
+# ---------------------------------------------------------------- records -> rows
+def metric_value(metrics: Dict[str, Any], path: str) -> Optional[float]:
+    node: Any = metrics
+    for part in path.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    if isinstance(node, bool) or not isinstance(node, (int, float)) or math.isnan(node):
+        return None
+    return float(node)
+
+
+def paper_config(protocol: str) -> Optional[Dict[str, Any]]:
+    """The paper config of a protocol as the current code defines it (None if unknown)."""
+    import importlib
+
+    from densebench.config import config_dict
+
+    try:
+        module = importlib.import_module(f"densebench.protocols.{protocol}")
+    except ImportError:
+        return None
+    return config_dict(module.Config())
+
+
+def is_comparable(record: Dict[str, Any]) -> bool:
+    """Comparable only when the record says so AND its config equals the paper protocol.
+
+    The flag is not trusted alone: a record whose config differs from the paper defaults
+    (edited by hand, or written by an older version with other defaults) is not comparable.
+    """
+    return (record.get("comparable") is True and record.get("preset") == "paper"
+            and record.get("config") == paper_config(record["protocol"]))
+
+
+@dataclass
+class Row:
+    """One checkpoint under one preset label: its latest record per protocol."""
+    name: str
+    sha256: str
+    arch: str
+    preset: str
+    records: Dict[str, Dict[str, Any]]
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} [{self.preset}]"
+
+    def comparable(self, protocol: str) -> bool:
+        record = self.records.get(protocol)
+        return record is not None and is_comparable(record)
+
+    def value(self, column: Column) -> Optional[float]:
+        record = self.records.get(column.protocol)
+        return None if record is None else metric_value(record["metrics"], column.metric)
+
+
+def build_rows(records: Sequence[Dict[str, Any]]) -> List[Row]:
+    rows: Dict[Tuple[str, str, str], Row] = {}
+    for record in sorted(records, key=lambda r: (r["started"], r.get("key", ""))):
+        ckpt = record["checkpoint"]
+        name = ckpt.get("name") or Path(ckpt["path"]).stem
+        group = (name, ckpt["sha256"], record["preset"])
+        row = rows.setdefault(group, Row(name, ckpt["sha256"], ckpt.get("arch", "?"), record["preset"], {}))
+        row.records[record["protocol"]] = record      # the latest record of a protocol wins
+    return [rows[k] for k in sorted(rows)]
+
+
+# ---------------------------------------------------------------- formatting
+def fmt(value: Optional[float]) -> str:
+    return "–" if value is None else f"{value:.2f}"
+
+
+def fmt_cell(row: Row, column: Column, published: Optional[float]) -> str:
+    value = row.value(column)
+    if value is None:
+        return "–"
+    if not row.comparable(column.protocol):
+        return f"{value:.2f} {NOT_COMPARABLE}"
+    if published is None:
+        return f"{value:.2f}"
+    return f"{value:.2f} ({value - published:+.2f})"
+
+
+def section_frames(section: Section, rows: List[Row], published: Dict[str, Any]) -> Tuple[pd.DataFrame, pd.DataFrame]:
+    """(markdown-ready strings, raw numbers for CSV) for one section."""
+    pub = [published_value(published, c) for c in section.columns]
+    display = [["Published DenseCL"] + [fmt(v) for v in pub]]
+    raw = [{"checkpoint": "published", "sha256": "", "preset": "paper", "comparable": True,
+            **{c.header: v for c, v in zip(section.columns, pub)}}]
+    for row in rows:
+        if not any(c.protocol in row.records for c in section.columns):
+            continue
+        display.append([row.label] + [fmt_cell(row, c, p) for c, p in zip(section.columns, pub)])
+        raw.append({"checkpoint": row.name, "sha256": row.sha256[:12], "preset": row.preset,
+                    "comparable": all(row.comparable(c.protocol) for c in section.columns if c.protocol in row.records),
+                    **{c.header: row.value(c) for c in section.columns}})
+    headers = ["Model"] + [c.header for c in section.columns]
+    return pd.DataFrame(display, columns=headers), pd.DataFrame(raw)
+
+
+def markdown_table(frame: pd.DataFrame) -> str:
+    return frame.to_markdown(index=False, disable_numparse=True)
+
+
+def runs_table(records: Sequence[Dict[str, Any]]) -> pd.DataFrame:
+    rows = []
+    for r in sorted(records, key=lambda r: (r["checkpoint"].get("name", ""), r["protocol"], r.get("key", ""))):
+        rows.append([r["checkpoint"].get("name", ""), r["protocol"], r["preset"],
+                     "yes" if is_comparable(r) else "no", str(r["seed"]), str(r["world_size"]), r["device"],
+                     f"{r['wall_s']:.0f}", r["config_hash"], r["checkpoint"]["sha256"][:12]])
+    return pd.DataFrame(rows, columns=["Checkpoint", "Protocol", "Preset", "Comparable", "Seed", "World",
+                                       "Device", "Wall s", "Config", "sha256"])
+
+
+# ---------------------------------------------------------------- plots
+def _save_png(fig, path: Path) -> None:
+    fig.savefig(path, dpi=100, metadata={"Software": None})
+
+
+def plot_lowshot(rows: List[Row], published: Dict[str, Any], path: Path) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    section = SECTIONS[0]
+    lowshot = [c for c in section.columns if c.protocol == "lowshot_svm_voc07"]
+    series = []
+    for row in rows:
+        points = [(k, row.value(c)) for k, c in zip(LOWSHOT_KS, lowshot) if row.value(c) is not None]
+        if points:
+            series.append((row.label + ("" if row.comparable("lowshot_svm_voc07") else f" {NOT_COMPARABLE}"), points))
+    if not series:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 4))
+    pub = [(k, published_value(published, c)) for k, c in zip(LOWSHOT_KS, lowshot)]
+    ax.plot([k for k, _ in pub], [v for _, v in pub], "k--o", label="Published DenseCL")
+    for label, points in series:
+        ax.plot([k for k, _ in points], [v for _, v in points], "-o", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("positives per class k")
+    ax.set_ylabel("VOC07 test mAP (%)")
+    ax.set_title("Low-shot SVM (feature5)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    _save_png(fig, path)
+    plt.close(fig)
+    return True
+
+
+def read_pretrain_logs(results_dir: Path) -> List[Tuple[str, List[Dict[str, Any]]]]:
+    """JSON-lines logs of pre-training runs kept under RESULTS_DIR/pretrain/<run>/log.jsonl."""
+    logs = []
+    for path in sorted((results_dir / "pretrain").glob("*/log.jsonl")):
+        entries = []
+        for line_no, line in enumerate(path.read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InputError(path, f"line {line_no} is not JSON ({exc})") from exc
+            if "iteration" in entry and "loss" in entry:
+                entries.append(entry)
+        if entries:
+            logs.append((path.parent.name, entries))
+    return logs
+
+
+def plot_pretrain(logs, path: Path) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not logs:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, entries in logs:
+        its = [e["iteration"] for e in entries]
+        ax.plot(its, [e["loss"] for e in entries], label=f"{name} total")
+        for part in ("loss_global", "loss_dense"):
+            if all(part in e for e in entries):
+                ax.plot(its, [e[part] for e in entries], "--", label=f"{name} {part[5:]}")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("loss")
+    ax.set_title("DenseCL pre-training")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    _save_png(fig, path)
+    plt.close(fig)
+    return True
+
+
+def plot_per_class(rows: List[Row], protocol: str, extra_key: str, ylabel: str, path: Path) -> bool:
+    """Grouped bars of a per-class dict stored in record["extra"][extra_key] ({class: value})."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    series = [(row.label, row.records[protocol]["extra"].get(extra_key)) for row in rows
+              if protocol in row.records and isinstance(row.records[protocol].get("extra", {}).get(extra_key), dict)]
+    if not series:
+        return False
+    classes = list(series[0][1])
+    width = 0.8 / len(series)
+    fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(classes)), 4))
+    for i, (label, values) in enumerate(series):
+        heights = [values.get(c) if isinstance(values.get(c), (int, float)) else 0.0 for c in classes]
+        ax.bar(np.arange(len(classes)) + i * width, heights, width, label=label)
+    ax.set_xticks(np.arange(len(classes)) + 0.4 - width / 2)
+    ax.set_xticklabels(classes, rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel(ylabel)
+    ax.set_title(protocol)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    _save_png(fig, path)
+    plt.close(fig)
+    return True
+
+
+# ---------------------------------------------------------------- pages
+def published_sources(published: Dict[str, Any]) -> List[str]:
+    lines = [f"- `{key}`: {text}" for key, text in published["sources"].items()]
+    for protocol, metrics in published["values"].items():
+        for metric, entry in (metrics or {}).items():
+            for alt in entry.get("alternatives", []):
+                note = f" ({alt['note']})" if alt.get("note") else ""
+                lines.append(f"- {protocol} `{metric}`: published as {entry['value']} (`{entry['source']}`), "
+                             f"also {alt['value']} (`{alt['source']}`){note}; the first is shown.")
+    return lines
+
+
+LEGEND = (f"Our numbers from comparable runs (paper protocol, unaltered config) show the delta to the "
+          f"published value in parentheses. {NOT_COMPARABLE} marks a run that is **not comparable** "
+          f"(tiny preset, fast mode or an altered config): it checks that the pipeline works and is "
+          f"never a reproduction of the published number. – means no record or no published value.")
+
+
+def results_page(records, rows, published, assets: Path, asset_prefix: str, results_dir: Path) -> str:
+    parts = ["# densebench results", "", f"Regenerated from {len(records)} record(s) by `densebench report`.",
+             "", LEGEND, ""]
+    for section in SECTIONS:
+        display, raw = section_frames(section, rows, published)
+        raw.to_csv(assets / f"{section.slug}.csv", index=False, float_format="%.4f")
+        parts += [f"## {section.title}", "", markdown_table(display), ""]
+    figures = []
+    if plot_lowshot(rows, published, assets / "lowshot.png"):
+        figures.append(("Low-shot SVM: mAP vs k", "lowshot.png"))
+    if plot_pretrain(read_pretrain_logs(results_dir), assets / "pretrain_loss.png"):
+        figures.append(("Pre-training loss", "pretrain_loss.png"))
+    if plot_per_class(rows, "svm_voc07", "feat5_per_class_ap", "AP (%)", assets / "svm_voc07_per_class.png"):
+        figures.append(("VOC07 SVM per-class AP (feature5)", "svm_voc07_per_class.png"))
+    if plot_per_class(rows, "seg_voc12aug_fcn", "per_class_iou", "IoU (%)", assets / "seg_voc12aug_per_class.png"):
+        figures.append(("VOC12-Aug per-class IoU", "seg_voc12aug_per_class.png"))
+    if figures:
+        parts += ["## Figures", ""]
+        for title, name in figures:
+            parts += [f"![{title}]({asset_prefix}/{name})", ""]
+    runs = runs_table(records)
+    runs.to_csv(assets / "runs.csv", index=False)
+    parts += ["## Runs", "", "What produced each number (device, world size, seed, config hash).", "",
+              markdown_table(runs), "", "## Sources of the published numbers", ""]
+    parts += published_sources(published) + [""]
+    return "\n".join(parts)
+
+
+def zoo_page(records, rows, published, assets: Path) -> str:
+    table = [["Published DenseCL", "resnet50", "paper"] + [fmt(published_value(published, c)) for c in ZOO_COLUMNS]]
+    raw = [{"checkpoint": "published", "arch": "resnet50", "preset": "paper",
+            **{c.header: published_value(published, c) for c in ZOO_COLUMNS}}]
+    for row in rows:
+        table.append([row.label, row.arch, row.preset]
+                     + [fmt_cell(row, c, published_value(published, c)) for c in ZOO_COLUMNS])
+        raw.append({"checkpoint": row.name, "arch": row.arch, "preset": row.preset,
+                    **{c.header: row.value(c) for c in ZOO_COLUMNS}})
+    pd.DataFrame(raw).to_csv(assets / "zoo.csv", index=False, float_format="%.4f")
+    frame = pd.DataFrame(table, columns=["Model", "Arch", "Preset"] + [c.header for c in ZOO_COLUMNS])
+    return "\n".join(["# densebench model zoo", "", f"Regenerated from {len(records)} record(s).", "",
+                      LEGEND, "", markdown_table(frame), ""])
+
+
+def write_report(results_dir: "str | Path", out: "str | Path | None" = None, zoo: bool = False) -> Path:
+    results_dir = Path(results_dir)
+    records = load_records(results_dir)
+    if not records:
+        raise InputError(results_dir / "records", "no records to report")
+    published = load_published()
+    rows = build_rows(records)
+    out = Path(out) if out else results_dir / ("zoo.md" if zoo else "report.md")
+    assets = out.parent / f"{out.stem}_files"
+    assets.mkdir(parents=True, exist_ok=True)
+    if zoo:
+        text = zoo_page(records, rows, published, assets)
+    else:
+        text = results_page(records, rows, published, assets, assets.name, results_dir)
+    write_text_atomic(out, text)
+    return out
+
+
+def main(args) -> int:
+    out = write_report(args.results_dir, args.out, args.zoo)
+    print(f"wrote {out}")
+    return 0

@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# Reproduce the DenseCL results table with one script.
+#
+#   ./run_all.sh
+#       Built-in default: synthetic data, tiny scale, every protocol, report. Creates .venv if
+#       needed, writes the synthetic benchmark, pre-trains DenseCL (ResNet-18, tiny preset),
+#       evaluates the DenseCL checkpoint and a random-init baseline on all 11 protocols and
+#       writes results/report.md and results/zoo.md. About 10-15 minutes on 2 CPU cores.
+#
+#   ./run_all.sh --preset paper --data-root DIR [--checkpoint CKPT] [--gpus N]
+#                [--nodes N --node-rank R --master-addr HOST --master-port PORT]
+#                [--slurm [--partition P] [--timeout-min M]] [--out DIR] [--name NAME]
+#       The real thing through torchrun (pre-training is skipped when --checkpoint is given);
+#       --slurm submits the same steps as SLURM jobs with submitit.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+preset=tiny; data_root=""; checkpoint=""; gpus=1; nodes=1; node_rank=0
+master_addr=127.0.0.1; master_port=29500; slurm=0; partition=""; timeout_min=4320
+out=results; name=""; seed=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --preset) preset="$2"; shift 2;;
+    --data-root) data_root="$2"; shift 2;;
+    --checkpoint) checkpoint="$2"; shift 2;;
+    --gpus) gpus="$2"; shift 2;;
+    --nodes) nodes="$2"; shift 2;;
+    --node-rank) node_rank="$2"; shift 2;;
+    --master-addr) master_addr="$2"; shift 2;;
+    --master-port) master_port="$2"; shift 2;;
+    --slurm) slurm=1; shift;;
+    --partition) partition="$2"; shift 2;;
+    --timeout-min) timeout_min="$2"; shift 2;;
+    --out) out="$2"; shift 2;;
+    --name) name="$2"; shift 2;;
+    --seed) seed="$2"; shift 2;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0;;
+    *) echo "run_all.sh: unknown argument $1 (see --help)" >&2; exit 2;;
+  esac
+done
+
+source scripts/setup_env.sh
+start=$(date +%s)
+step() { echo; echo "=== [$(( $(date +%s) - start ))s] $*"; }
+
+if [ "$preset" = tiny ]; then
+  data_root="${data_root:-$out/data}"
+  if [ ! -f "$data_root/.densebench-synth-complete" ]; then
+    step "1/6 writing the tiny synthetic benchmark to $data_root"
+    densebench data synth "$data_root" --scale tiny --seed "$seed"
+    touch "$data_root/.densebench-synth-complete"
+  fi
+  step "2/6 checking the data"
+  densebench data check "$data_root"
+  work="$out/pretrain/densecl_tiny"
+  if [ -z "$checkpoint" ]; then
+    step "3/6 pre-training DenseCL (tiny preset, ResNet-18)"
+    resume=(); [ -f "$work/latest" ] && resume=(--resume)
+    densebench pretrain --data "$data_root/imagenet" --work-dir "$work" --preset tiny --arch resnet18 "${resume[@]}"
+    checkpoint="$work/$(cat "$work/latest")"
+  fi
+  baseline="$out/checkpoints/random_init_resnet18.pth"
+  [ -f "$baseline" ] || python -m densebench.evaluate.random_init --arch resnet18 --seed "$seed" --out "$baseline"
+  step "4/6 evaluating the DenseCL checkpoint on every protocol"
+  densebench evaluate "$checkpoint" --data-root "$data_root" --preset tiny --out "$out" --name "${name:-densecl_tiny}" --seed "$seed"
+  step "5/6 evaluating the random-init baseline on every protocol"
+  densebench evaluate "$baseline" --data-root "$data_root" --preset tiny --out "$out" --name random_init --seed "$seed"
+  step "6/6 writing the reports"
+  densebench report "$out"
+  densebench report "$out" --zoo
+  step "done: $out/report.md and $out/zoo.md"
+  exit 0
+fi
+
+if [ "$preset" != paper ]; then echo "run_all.sh: --preset must be tiny or paper" >&2; exit 2; fi
+if [ -z "$data_root" ]; then echo "run_all.sh: --preset paper needs --data-root DIR" >&2; exit 2; fi
+
+if [ "$slurm" = 1 ]; then
+  args=(--data-root "$data_root" --out "$out" --gpus "$gpus" --nodes "$nodes" --timeout-min "$timeout_min" --seed "$seed")
+  [ -n "$checkpoint" ] && args+=(--checkpoint "$checkpoint")
+  [ -n "$partition" ] && args+=(--partition "$partition")
+  [ -n "$name" ] && args+=(--name "$name")
+  exec python -m densebench.slurm "${args[@]}"
+fi
+
+launch=(torchrun --nnodes "$nodes" --nproc-per-node "$gpus" --node-rank "$node_rank"
+        --master-addr "$master_addr" --master-port "$master_port" -m densebench)
+step "checking the data"
+densebench data check "$data_root" || echo "some protocols lack data: they will be reported as skipped"
+if [ -z "$checkpoint" ]; then
+  work="$out/pretrain/densecl_paper"
+  step "pre-training DenseCL (paper preset, ResNet-50, 200 epochs) on $nodes node(s) x $gpus GPU(s)"
+  resume=(); [ -f "$work/latest" ] && resume=(--resume)
+  "${launch[@]}" pretrain --data "$data_root/imagenet" --work-dir "$work" --preset paper "${resume[@]}"
+  checkpoint="$work/$(cat "$work/latest")"
+fi
+step "evaluating $checkpoint on every protocol (paper preset)"
+"${launch[@]}" evaluate "$checkpoint" --data-root "$data_root" --preset paper --out "$out" \
+  --name "${name:-$(basename "$checkpoint" .pth)}" --seed "$seed"
+if [ "$node_rank" = 0 ]; then
+  step "writing the reports"
+  densebench report "$out"
+  densebench report "$out" --zoo
+fi

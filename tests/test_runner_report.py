@@ -1,0 +1,184 @@
+"""`densebench evaluate` bookkeeping and `densebench report`, with stand-in protocol modules.
+
+The real protocols are exercised end to end elsewhere; here the protocol modules are
+replaced by small fakes so that the runner's skip/resume logic and the report's
+comparability rules are tested in isolation and fast.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import types
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+from densebench import cli
+from densebench.evaluate import runner
+from densebench.results import report, store
+
+FAKE_PROTOCOLS = ("svm_voc07", "knn_imagenet", "seg_voc12aug_fcn")
+
+
+@dataclass
+class FakeConfig:
+    alpha: float = 1.0
+    steps: tuple = (30, 60)
+
+
+def make_fake_module(name: str, calls: list, explode_on: set):
+    module = types.ModuleType(f"densebench.protocols.{name}")
+    module.NAME = name
+    module.Config = FakeConfig
+
+    def run(ctx, cfg):
+        if name in explode_on:
+            raise KeyboardInterrupt("simulated kill")
+        calls.append(name)
+        value = 50.0 + 10.0 * cfg.alpha + ctx.seed
+        metrics = {"svm_voc07": {"feat5": {"mAP": value}},
+                   "knn_imagenet": {f"k{k}": {"top1": value, "top5": value} for k in (10, 20, 100, 200)},
+                   "seg_voc12aug_fcn": {"mIoU": value, "aAcc": value}}[name]
+        return runner.ProtocolOutput(metrics=metrics, data={"root": str(ctx.data_root)})
+
+    module.run = run
+    return module
+
+
+@pytest.fixture
+def fakes(monkeypatch):
+    calls: list = []
+    explode: set = set()
+    for name in FAKE_PROTOCOLS:
+        monkeypatch.setitem(sys.modules, f"densebench.protocols.{name}", make_fake_module(name, calls, explode))
+    monkeypatch.setattr(runner, "missing_data", lambda root, protocol: [])
+    return calls, explode
+
+
+@pytest.fixture
+def checkpoint(tmp_path) -> Path:
+    torch.manual_seed(0)
+    state = {k: v for k, v in torchvision.models.resnet18().state_dict().items() if not k.startswith("fc.")}
+    path = tmp_path / "ckpt.pth"
+    torch.save(state, path)
+    return path
+
+
+def evaluate(checkpoint, tmp_path, *extra):
+    data_root = tmp_path / "data"
+    data_root.mkdir(exist_ok=True)
+    return cli.main(["evaluate", str(checkpoint), "--data-root", str(data_root), "--out", str(tmp_path / "res"),
+                     "--protocols", ",".join(FAKE_PROTOCOLS), "--arch", "resnet18", *extra])
+
+
+def test_interrupted_evaluate_redoes_only_unfinished_cells(fakes, checkpoint, tmp_path):
+    calls, explode = fakes
+    explode.add("knn_imagenet")
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(checkpoint, tmp_path)
+    assert calls == ["svm_voc07"]
+    assert len(list((tmp_path / "res" / "records").glob("*.json"))) == 1
+
+    explode.clear()
+    calls.clear()
+    assert evaluate(checkpoint, tmp_path) == 0
+    assert calls == ["knn_imagenet", "seg_voc12aug_fcn"]          # svm_voc07 was not redone
+    assert len(list((tmp_path / "res" / "records").glob("*.json"))) == 3
+
+    calls.clear()
+    assert evaluate(checkpoint, tmp_path) == 0
+    assert calls == []
+    assert evaluate(checkpoint, tmp_path, "--force") == 0
+    assert calls == list(FAKE_PROTOCOLS)
+
+
+def test_records_hold_schema_and_seed(fakes, checkpoint, tmp_path):
+    assert evaluate(checkpoint, tmp_path, "--seed", "3", "--name", "mine") == 0
+    records = store.load_records(tmp_path / "res")
+    assert {r["protocol"] for r in records} == set(FAKE_PROTOCOLS)
+    for record in records:
+        assert record["seed"] == 3
+        assert record["checkpoint"]["name"] == "mine"
+        assert record["checkpoint"]["arch"] == "resnet18"
+        assert record["comparable"] is True and record["preset"] == "paper"
+        assert record["world_size"] == 1 and record["device"] == "cpu"
+        assert set(store.REQUIRED_FIELDS) <= set(record)
+
+
+def test_altered_config_is_recorded_as_custom_and_not_comparable(fakes, checkpoint, tmp_path):
+    assert evaluate(checkpoint, tmp_path, "--set", "svm_voc07.alpha=2") == 0
+    by_protocol = {r["protocol"]: r for r in store.load_records(tmp_path / "res")}
+    assert by_protocol["svm_voc07"]["preset"] == "custom"
+    assert by_protocol["svm_voc07"]["comparable"] is False
+    assert by_protocol["svm_voc07"]["config"]["alpha"] == 2.0
+    assert by_protocol["knn_imagenet"]["comparable"] is True
+
+
+def test_report_marks_non_comparable_and_shows_deltas(fakes, checkpoint, tmp_path):
+    assert evaluate(checkpoint, tmp_path, "--set", "knn_imagenet.alpha=0") == 0
+    assert cli.main(["report", str(tmp_path / "res")]) == 0
+    text = (tmp_path / "res" / "report.md").read_text()
+    # svm: comparable, value 60.00 vs published 82.5 -> delta -22.50
+    assert "60.00 (-22.50)" in text
+    # knn with alpha=0 -> value 50, marked not comparable, no delta
+    assert f"50.00 {report.NOT_COMPARABLE}" in text
+    assert "50.00 (" not in text
+    assert "82.50" in text and "48.50" in text           # published numbers beside ours
+
+
+def test_edited_flag_cannot_make_an_altered_config_comparable(fakes, checkpoint, tmp_path):
+    assert evaluate(checkpoint, tmp_path, "--set", "svm_voc07.alpha=2") == 0
+    path = next(p for p in (tmp_path / "res" / "records").glob("svm_voc07*.json"))
+    record = json.loads(path.read_text())
+    record["comparable"], record["preset"] = True, "paper"      # a hand edit that lies
+    path.write_text(json.dumps(record))
+    assert not report.is_comparable(record)
+    report.write_report(tmp_path / "res")
+    assert f"70.00 {report.NOT_COMPARABLE}" in (tmp_path / "res" / "report.md").read_text()
+
+
+def test_report_is_byte_identical_and_follows_records(fakes, checkpoint, tmp_path):
+    assert evaluate(checkpoint, tmp_path) == 0
+    res = tmp_path / "res"
+    first = report.write_report(res).read_bytes()
+    first_zoo = report.write_report(res, zoo=True).read_bytes()
+    first_csv = (res / "report_files" / "voc07_svm.csv").read_bytes()
+    assert report.write_report(res).read_bytes() == first
+    assert report.write_report(res, zoo=True).read_bytes() == first_zoo
+    assert (res / "report_files" / "voc07_svm.csv").read_bytes() == first_csv
+
+    path = next(p for p in (res / "records").glob("seg_voc12aug_fcn*.json"))
+    record = json.loads(path.read_text())
+    record["metrics"]["mIoU"] = 12.34
+    path.write_text(json.dumps(record))
+    changed = report.write_report(res).read_text()
+    assert "12.34" in changed and changed.encode() != first
+    assert "12.34" in report.write_report(res, zoo=True).read_text()
+
+
+def test_unknown_protocol_and_bad_checkpoint_exit_1(fakes, checkpoint, tmp_path, capsys):
+    data_root = tmp_path / "data"
+    data_root.mkdir()
+    assert cli.main(["evaluate", str(checkpoint), "--data-root", str(data_root), "--protocols", "nope"]) == 1
+    assert "unknown protocol" in capsys.readouterr().err
+    missing = tmp_path / "missing.pth"
+    assert cli.main(["evaluate", str(missing), "--data-root", str(data_root)]) == 1
+    assert str(missing) in capsys.readouterr().err
+
+
+def test_report_without_records_exit_1(tmp_path, capsys):
+    assert cli.main(["report", str(tmp_path)]) == 1
+    assert "records" in capsys.readouterr().err
+
+
+def test_published_numbers_file_lists_the_conflicting_avgpool_values():
+    published = report.load_published()
+    entry = published["values"]["linear_imagenet"]["avgpool.top1"]
+    assert entry["value"] == 63.34
+    assert sorted(a["value"] for a in entry["alternatives"]) == [63.5, 63.62]
+    for metrics in published["values"].values():
+        for item in (metrics or {}).values():
+            assert item["source"] in published["sources"]
