@@ -1,0 +1,140 @@
+"""VOC07 SVM / low-shot: AP definitions, the batched solver vs sklearn LinearSVC, the pipelines."""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import average_precision_score
+
+from densebench.protocols.svm_solver import SVMProblems, fit_svms, fit_svms_sklearn, l2_normalize
+from densebench.protocols.voc_svm_common import (REFERENCE_COSTS, SolverOptions, aggregate_lowshot,
+                                                 class_ap_on_test, full_svm_sweep, lowshot_fit_and_test,
+                                                 lowshot_rng, ranking_ap, sample_lowshot_targets,
+                                                 synthetic_voc_features, voc_envelope_ap)
+
+
+def test_reference_cost_grid():
+    assert len(REFERENCE_COSTS) == 19
+    assert REFERENCE_COSTS[:4] == (1.0, 10.0, 100.0, 0.0625)
+    assert REFERENCE_COSTS[-1] == pytest.approx(1.9073486328125e-06)
+
+
+def test_envelope_ap_hand_worked():
+    # ranking: neg, pos, pos -> precision at the positives 1/2, 2/3; envelope lifts the first to 2/3
+    scores = np.array([0.9, 0.8, 0.7])
+    positives = np.array([False, True, True])
+    assert voc_envelope_ap(scores, positives) == pytest.approx(2 / 3)
+    assert ranking_ap(scores, positives) == pytest.approx(0.5 * 0.5 + 0.5 * 2 / 3)
+    # pos, neg, pos, neg: precisions 1, 2/3 -> envelope AP = 0.5 * 1 + 0.5 * 2/3
+    assert voc_envelope_ap(np.array([4.0, 3.0, 2.0, 1.0]), np.array([1, 0, 1, 0], bool)) == pytest.approx(5 / 6)
+    assert voc_envelope_ap(np.array([1.0, 2.0]), np.array([0, 0], bool)) == 0.0
+
+
+def test_envelope_ap_equals_sklearn_when_precision_is_monotone():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        n = int(rng.integers(5, 40))
+        scores = rng.normal(size=n)
+        positives = rng.random(n) < 0.4
+        if not positives.any():
+            continue
+        order = np.argsort(-scores)
+        # make precision non-increasing over positives: put every positive before every negative
+        ranked = np.sort(positives[order])[::-1]
+        positives_sorted = np.empty_like(positives)
+        positives_sorted[order] = ranked
+        assert voc_envelope_ap(scores, positives_sorted) == pytest.approx(
+            average_precision_score(positives_sorted, scores))
+        # and in general the envelope is never below sklearn's AP
+        assert voc_envelope_ap(scores, positives) >= average_precision_score(positives, scores) - 1e-12
+
+
+def test_ranking_ap_matches_sklearn_with_ties():
+    rng = np.random.default_rng(1)
+    for i in range(100):
+        n = int(rng.integers(2, 60))
+        scores = rng.integers(0, 4, n).astype(float) if i % 2 else rng.normal(size=n)
+        positives = rng.random(n) < 0.3
+        if positives.any():
+            assert ranking_ap(scores, positives) == pytest.approx(average_precision_score(positives, scores), abs=1e-12)
+
+
+def test_test_ap_drops_difficult():
+    scores = np.array([3.0, 2.0, 1.0])
+    targets = np.array([-1, 0, 1], dtype=np.int8)           # difficult row ranked first is ignored
+    assert class_ap_on_test(scores, targets) == pytest.approx(0.5)
+
+
+def _objective(x, models, problems):
+    w = np.c_[models.weights, models.bias]
+    xt = np.c_[x, np.ones(len(x))]
+    viol = np.clip(1 - problems.labels * (xt @ w.T).T, 0, None)
+    return 0.5 * (w * w).sum(1) + (problems.row_costs() * viol * viol).sum(1)
+
+
+@pytest.mark.parametrize("rows,dim", [(120, 300), (300, 40)])   # Gram route (N <= D) and covariance route
+def test_solver_reaches_liblinear_optimum(rows, dim):
+    rng = np.random.default_rng(2)
+    x = l2_normalize(np.abs(rng.normal(size=(rows, dim))) + (rng.random((rows, 1)) < 0.3))
+    labels = np.where(rng.random((4, rows)) < 0.25, 1, -1)
+    mask = rng.random((4, rows)) < 0.8
+    problems = SVMProblems(labels, mask, np.array([10.0, 1.0, 0.0625, 0.5 ** 12]))
+    ours = fit_svms(x, problems, backend="torch")
+    ref = fit_svms_sklearn(x, problems, tol=1e-8, max_iter=100000)
+    np.testing.assert_allclose(_objective(x, ours, problems), _objective(x, ref, problems), rtol=1e-6)
+    np.testing.assert_allclose(ours.weights, ref.weights, atol=2e-3)
+    np.testing.assert_allclose(ours.bias, ref.bias, atol=2e-3)
+    # rows outside a problem's mask do not influence it
+    x_changed = x.copy()
+    x_changed[~mask[0]] = 0.5
+    other = fit_svms(x_changed, SVMProblems(labels[:1], mask[:1], problems.costs[:1]))
+    np.testing.assert_allclose(other.weights, ours.weights[:1], atol=1e-4)
+
+
+def test_solver_float32_close():
+    rng = np.random.default_rng(3)
+    x = l2_normalize(rng.random((80, 200)))
+    problems = SVMProblems(np.where(rng.random((3, 80)) < 0.3, 1, -1), np.ones((3, 80), bool), np.array([1.0, 0.01, 1e-4]))
+    a = fit_svms(x, problems, dtype=torch.float64)
+    b = fit_svms(x, problems, dtype=torch.float32, tol=1e-4)
+    np.testing.assert_allclose(a.decision(x), b.decision(x), atol=1e-3)
+
+
+def test_full_sweep_matches_sklearn_reference_on_random_features():
+    train_x, train_t, test_x, test_t = synthetic_voc_features(150, 150, 256, seed=0, signal=0.25)
+    ours = full_svm_sweep(train_x, train_t, test_x, test_t)
+    ref = full_svm_sweep(train_x, train_t, test_x, test_t, options=SolverOptions(backend="sklearn"))
+    assert abs(ours.mean_ap - ref.mean_ap) <= 0.1
+    assert 20.0 < ours.mean_ap < 100.0
+    assert (ours.cv_scores.argmax(1) == ref.cv_scores.argmax(1)).mean() >= 0.9
+
+
+def test_lowshot_sampling_rule():
+    _, train_t, _, _ = synthetic_voc_features(400, 10, 8, seed=1)
+    sample = sample_lowshot_targets(train_t, 2, lowshot_rng(0, 0, 2))
+    for c in range(20):
+        assert (sample[:, c] == 1).sum() == min(2, (train_t[:, c] == 1).sum())
+        assert (sample[:, c] == 0).sum() == 38
+        assert np.all(train_t[sample[:, c] == 1, c] == 1)
+        assert np.all(train_t[sample[:, c] == 0, c] == 0)          # difficult never sampled
+    again = sample_lowshot_targets(train_t, 2, lowshot_rng(0, 0, 2))
+    other = sample_lowshot_targets(train_t, 2, lowshot_rng(0, 1, 2))
+    assert np.array_equal(sample, again) and not np.array_equal(sample, other)
+
+
+def test_lowshot_matches_sklearn_reference_and_aggregation():
+    train_x, train_t, test_x, test_t = synthetic_voc_features(300, 150, 128, seed=4, signal=0.3)
+    costs = REFERENCE_COSTS[::3]
+    for k in (1, 2):
+        samples = [sample_lowshot_targets(train_t, k, random.Random(s)) for s in range(2)]
+        ours = lowshot_fit_and_test(train_x, samples, test_x, test_t, costs)
+        ref = lowshot_fit_and_test(train_x, samples, test_x, test_t, costs, SolverOptions(backend="sklearn"))
+        assert ours.shape == (2, len(costs), 20)
+        a, b = aggregate_lowshot(ours, costs), aggregate_lowshot(ref, costs)
+        assert abs(a["mAP"] - b["mAP"]) <= 0.1
+        maps = ours.mean(axis=2) * 100
+        best = maps.mean(axis=0).argmax()
+        assert a["mAP"] == pytest.approx(maps[:, best].mean())
+        assert a["min"] == pytest.approx(maps[:, best].min()) and a["cost"] == costs[best]

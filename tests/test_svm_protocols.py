@@ -1,0 +1,77 @@
+"""svm_voc07 / lowshot_svm_voc07 / knn_imagenet end to end on the synthetic benchmark with a
+real checkpoint layout (a torchvision ResNet-18 state dict), against the sklearn reference."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+from densebench.evaluate.context import RunContext
+from densebench.protocols import knn_imagenet, lowshot_svm_voc07, svm_voc07
+from densebench.protocols.voc_svm_common import (SolverOptions, aggregate_lowshot, full_svm_sweep, lowshot_fit_and_test,
+                                                 lowshot_rng, sample_lowshot_targets)
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def r18_checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "resnet18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), path)
+    return path
+
+
+def make_ctx(tmp_path, checkpoint, data_root):
+    return RunContext(checkpoint=checkpoint, data_root=data_root, work_dir=tmp_path / "work",
+                      cache_dir=tmp_path / "cache", arch="resnet18", show_progress=False,
+                      save_features_dir=tmp_path / "saved")
+
+
+def test_svm_and_lowshot_on_synthetic(tmp_path, synth_root, r18_checkpoint, monkeypatch):
+    ctx = make_ctx(tmp_path, r18_checkpoint, synth_root)
+    cfg = svm_voc07.Config(layers=("feat2", "feat3"), resize_short=128, image_size=112, batch_size=50)
+    out = svm_voc07.run(ctx, cfg)
+    saved = ctx.save_features_dir
+    train_x = np.load(saved / "voc07_trainval_feat3.npy")
+    train_t = np.load(saved / "voc07_trainval_labels.npy")
+    test_x, test_t = np.load(saved / "voc07_test_feat3.npy"), np.load(saved / "voc07_test_labels.npy")
+    assert train_x.dtype == np.float32 and train_t.dtype == np.int8 and train_t.shape == (100, 20)
+    assert set(np.unique(train_t)) <= {-1, 0, 1}
+    assert out.metrics["best_layer"] in ("feat2", "feat3")
+    # the converged sklearn reference pipeline on the same features
+    ref = full_svm_sweep(train_x, train_t, test_x, test_t,
+                         options=SolverOptions(backend="sklearn", sklearn_max_iter=100000))
+    assert abs(out.metrics["feat3"]["mAP"] - ref.mean_ap) <= 0.1
+    assert out.extra["per_layer"]["feat3"]["chosen_cost"] == [float(c) for c in ref.chosen_costs]
+
+    low_cfg = lowshot_svm_voc07.Config(layers=("feat3",), ks=(1, 2), num_samples=2, resize_short=128,
+                                       image_size=112, batch_size=50, costs=svm_voc07.Config().costs[::2])
+    low = lowshot_svm_voc07.run(ctx, low_cfg)
+    for k in (1, 2):
+        samples = [sample_lowshot_targets(train_t, k, lowshot_rng(0, s, k)) for s in range(2)]
+        ref_aps = lowshot_fit_and_test(train_x, samples, test_x, test_t, low_cfg.costs,
+                                       SolverOptions(backend="sklearn", sklearn_max_iter=100000))
+        assert abs(low.metrics["feat3"][f"k{k}"]["mAP"] - aggregate_lowshot(ref_aps, low_cfg.costs)["mAP"]) <= 0.1
+    for k in ("k1", "k2"):
+        assert low.metrics["feat3"][k]["min"] <= low.metrics["feat3"][k]["mAP"] <= low.metrics["feat3"][k]["max"]
+    # resume: every (sample, k) is stored; a rerun solves nothing
+    states = sorted((ctx.work_dir / "lowshot" / "feat3").glob("*.json"))
+    assert len(states) == 4 and json.loads(states[0].read_text())["key"]["seed"] == 0
+    monkeypatch.setattr(lowshot_svm_voc07, "lowshot_fit_and_test", lambda *a, **k: pytest.fail("recomputed"))
+    assert lowshot_svm_voc07.run(ctx, low_cfg).metrics == low.metrics
+
+
+def test_knn_on_synthetic(tmp_path, synth_root, r18_checkpoint):
+    ctx = make_ctx(tmp_path, r18_checkpoint, synth_root)
+    cfg = knn_imagenet.Config(resize_short=73, image_size=64, batch_size=64, query_chunk=7, bank_chunk=33)
+    out = knn_imagenet.run(ctx, cfg)
+    assert set(out.metrics) == {"k10", "k20", "k100", "k200"}
+    assert out.extra["k_clipped_to_bank_size"] == {"k200": 160}
+    train = np.load(ctx.save_features_dir / "imagenet_train_gap.npy")
+    assert train.shape == (160, 512)
+    for values in out.metrics.values():
+        assert 0.0 <= values["top1"] <= values["top5"] <= 100.0
