@@ -1,0 +1,195 @@
+"""Mask R-CNN R50-FPN, 1x schedule, multi-scale training, on COCO2017 (PROTOCOLS.md section 7.1).
+
+The MMSelfSup mmdet protocol: SyncBN in the backbone, FPN, 4conv1fc box head and mask head;
+train2017 (images without a usable box filtered, crowd boxes ignored), evaluated on val2017 with
+pycocotools (box and mask AP, AP50, AP75, APs/m/l; per class in `extra`). The number of
+classes comes from the annotation file (80 for COCO). The 12 epochs are turned into
+iterations from the number of training images and the total batch; steps at epochs 8 and 11.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Dict, List, Tuple
+
+import numpy as np
+
+from densebench import distributed as dist_utils
+from densebench.data.coco import category_ids, read_coco_instances, segmentation_to_mask
+from densebench.data.layout import coco_root
+from densebench.errors import InputError
+from densebench.evaluate.context import ProtocolOutput, RunContext
+from densebench.io import write_json_atomic
+from densebench.protocols import detection
+from densebench.protocols.coco_eval import evaluate_coco, results_for_image
+
+NAME = "det_coco_maskrcnn_fpn"
+
+
+@dataclass
+class Config:
+    # input (7.1 "Train aug", "Test input")
+    train_min_sizes: Tuple[int, ...] = tuple(range(640, 801, 32))
+    train_max_size: int = 1333
+    test_min_size: int = 800
+    test_max_size: int = 1333
+    flip_prob: float = 0.5
+    # FPN P2-P6 (7.1 "Backbone/FPN")
+    fpn_channels: int = 256
+    # RPN (7.1 "RPN"): anchor scale 8 x strides 4..64 = 32..512 px; pre-NMS counts are per level
+    anchor_scale: float = 8.0
+    anchor_ratios: Tuple[float, ...] = (0.5, 1.0, 2.0)
+    rpn_fg_iou: float = 0.7
+    rpn_bg_iou: float = 0.3
+    rpn_batch_per_image: int = 256
+    rpn_positive_fraction: float = 0.5
+    rpn_pre_nms_train: int = 2000
+    rpn_post_nms_train: int = 1000
+    rpn_pre_nms_test: int = 1000
+    rpn_post_nms_test: int = 1000
+    rpn_nms: float = 0.7
+    # heads (7.1 "Box head", "Mask head", "RCNN train")
+    box_roi_size: int = 7
+    mask_roi_size: int = 14
+    head_channels: int = 256
+    box_head_convs: int = 4
+    box_head_fc: int = 1024
+    mask_head_convs: int = 4
+    roi_fg_iou: float = 0.5
+    roi_bg_iou: float = 0.5
+    roi_batch_per_image: int = 512
+    roi_positive_fraction: float = 0.25
+    # test (7.1 "Test")
+    test_score_thresh: float = 0.05
+    test_nms: float = 0.5
+    test_detections_per_img: int = 100
+    mask_threshold: float = 0.5
+    # solver (7.1 "Solver", "Batch")
+    base_lr: float = 0.02
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    epochs: int = 12
+    lr_step_epochs: Tuple[int, ...] = (8, 11)
+    warmup_iters: int = 1000
+    warmup_factor: float = 0.001
+    images_per_step: int = 16                       # total batch the schedule is written for (8 GPUs x 2)
+    images_per_gpu: int = 2
+    amp: bool = True                                # GPU only
+    eval_interval: int = 0                          # iterations; 0 = after every epoch (mmdet)
+    checkpoint_interval: int = 2000
+    log_interval: int = 50
+    max_iter: int = 0                               # > 0: override the epoch-derived length (smoke runs)
+    max_val_images: int = 0                         # 0 = all of val2017 (smoke runs only)
+
+
+# ---------------------------------------------------------------------------------------------
+# data
+# ---------------------------------------------------------------------------------------------
+
+def to_record(image) -> detection.DetectionRecord:
+    """Training targets without crowd boxes (PROTOCOLS.md 7.1 "Crowd boxes ignored")."""
+    keep = ~image.iscrowd
+    return detection.DetectionRecord(
+        image_id=image.image_id, path=image.path, width=image.width, height=image.height,
+        boxes=image.boxes[keep], labels=image.labels[keep],
+        segmentations=[seg for seg, k in zip(image.segmentations, keep) if k])
+
+
+def load_split(data_root, split: str):
+    root = coco_root(data_root)
+    return read_coco_instances(root / "annotations" / f"instances_{split}2017.json", root / f"{split}2017")
+
+
+def train_schedule(cfg: Config, num_images: int, total_batch: int) -> detection.Schedule:
+    """Epochs -> iterations at the reference batch, then the linear scaling rule for the real batch."""
+    iters_per_epoch = math.ceil(num_images / cfg.images_per_step)
+    max_iter = cfg.max_iter if cfg.max_iter > 0 else cfg.epochs * iters_per_epoch
+    steps = [e * iters_per_epoch for e in cfg.lr_step_epochs if e * iters_per_epoch < max_iter]
+    return detection.scaled_schedule(cfg.base_lr, max_iter, steps, cfg.warmup_iters, cfg.warmup_factor,
+                                     cfg.images_per_step, total_batch)
+
+
+# ---------------------------------------------------------------------------------------------
+# metric
+# ---------------------------------------------------------------------------------------------
+
+def coco_results_converter(records: List[detection.DetectionRecord], label_to_category: List[int],
+                           mask_threshold: float):
+    """Model output -> COCO result entries (bbox xywh, RLE mask at the original image size)."""
+    def convert(output, index: int) -> List[Dict[str, Any]]:
+        masks = (output["masks"][:, 0] >= mask_threshold).numpy().astype(np.uint8)
+        categories = [label_to_category[int(label) - 1] for label in output["labels"]]
+        return results_for_image(records[index].image_id, output["boxes"].numpy(), output["scores"].numpy(),
+                                 categories, masks)
+    return convert
+
+
+# ---------------------------------------------------------------------------------------------
+# run
+# ---------------------------------------------------------------------------------------------
+
+def run(ctx: RunContext, cfg: Config) -> ProtocolOutput:
+    train_coco, train_images = load_split(ctx.data_root, "train")
+    val_coco, val_images = load_split(ctx.data_root, "val")
+    categories = category_ids(train_coco)
+    if categories != category_ids(val_coco):
+        raise InputError(coco_root(ctx.data_root) / "annotations", "train and val categories differ")
+    train_records = [r for r in (to_record(image) for image in train_images) if len(r.labels) > 0]
+    if not train_records:
+        raise InputError(coco_root(ctx.data_root) / "annotations" / "instances_train2017.json",
+                         "no training image with a usable (non-crowd) box")
+    if cfg.max_val_images > 0:
+        val_images = val_images[: cfg.max_val_images]
+    val_records = [to_record(image) for image in val_images]
+
+    state_dict, info = ctx.backbone_state_dict()
+    resnet = detection.resnet_from_state_dict(info.arch, state_dict)
+    model = detection.build_mask_rcnn_fpn(resnet, len(categories), cfg)
+    init_report = detection.checkpoint_load_report(model, state_dict, detection.FPN_CHECKPOINT_PLACES)
+    if init_report["missing"]:
+        raise RuntimeError(f"checkpoint tensors not placed in the detector: {init_report['missing'][:5]}")
+
+    train_set = detection.DetectionDataset(train_records, flip_prob=cfg.flip_prob, mask_fn=segmentation_to_mask)
+    val_set = detection.DetectionDataset(val_records)
+    total_batch = cfg.images_per_gpu * dist_utils.world_size()
+    schedule = train_schedule(cfg, len(train_records), total_batch)
+    eval_interval = cfg.eval_interval or math.ceil(len(train_records) / total_batch)
+    loop = detection.LoopSettings(images_per_gpu=cfg.images_per_gpu, momentum=cfg.momentum,
+                                  weight_decay=cfg.weight_decay, weight_decay_norm=None, amp=cfg.amp,
+                                  eval_interval=eval_interval, checkpoint_interval=cfg.checkpoint_interval,
+                                  log_interval=cfg.log_interval, precise_bn_iters=0)
+    convert = coco_results_converter(val_records, categories, cfg.mask_threshold)
+    val_ids = [r.image_id for r in val_records]
+
+    def evaluate(model, iteration: int, final: bool):
+        per_image = detection.run_inference(model, val_set, ctx.device, cfg.amp, convert,
+                                            ctx.num_workers, ctx.show_progress)
+        results = [entry for entries in per_image for entry in entries]
+        if final and dist_utils.is_main():
+            write_json_atomic(ctx.work_dir / "detections.json",
+                              {"format": "COCO results (bbox xywh, RLE segmentation)",
+                               "images": [{"image_id": i, "results": e} for i, e in zip(val_ids, per_image)]})
+        scores = evaluate_coco(val_coco.dataset, results, image_ids=val_ids)
+        metrics = {iou_type: scores[iou_type]["metrics"] for iou_type in scores}
+        extra = {"per_class": {iou_type: scores[iou_type]["per_class"] for iou_type in scores},
+                 "ground_truth_notes": {iou_type: scores[iou_type]["notes"] for iou_type in scores},
+                 "summary": {iou_type: scores[iou_type]["summary"] for iou_type in scores}}
+        return metrics, extra
+
+    trained = detection.train_detector(model, train_set, schedule, loop, evaluate, ctx.work_dir, ctx.device,
+                                       ctx.seed, ctx.num_workers, ctx.show_progress)
+    extra = {
+        **trained.final_extra,
+        "num_classes": len(categories),
+        "schedule": {**schedule.record(), "eval_interval_iters": eval_interval},
+        "checkpoint_init": init_report,
+        "sync_bn": trained.sync_bn,
+        "loss_history": trained.loss_history,
+        "eval_history": trained.eval_history,
+        "resumed_from_iteration": trained.resumed_from,
+        "train_wall_s": trained.wall_train_s,
+        "detections_file": str(ctx.work_dir / "detections.json"),
+    }
+    data = {"root": str(ctx.data_root),
+            "splits": {"coco_train2017": len(train_records), "coco_val2017": len(val_records)}}
+    return ProtocolOutput(metrics=trained.final_metrics, data=data, extra=extra)
