@@ -59,8 +59,8 @@ SECTIONS: Tuple[Section, ...] = (
     Section("imagenet_knn", "ImageNet k-NN (top-1 %)",
             tuple(Column(f"k={k}", "knn_imagenet", f"k{k}.top1") for k in (10, 20, 100, 200))),
     Section("voc_detection", "VOC07+12 detection, Faster R-CNN R50-C4 (VOC07 test, %)",
-            (Column("AP50", "det_voc0712_c4", "AP50"), Column("AP", "det_voc0712_c4", "AP"),
-             Column("AP75", "det_voc0712_c4", "AP75"))),
+            (Column("AP50", "det_voc0712_c4", "bbox.AP50"), Column("AP", "det_voc0712_c4", "bbox.AP"),
+             Column("AP75", "det_voc0712_c4", "bbox.AP75"))),
     Section("coco_detection", "COCO Mask R-CNN R50-FPN 1x (val2017, %)",
             tuple(Column(f"{kind} {m}", "det_coco_maskrcnn_fpn", f"{key}.{m}")
                   for kind, key in (("box", "bbox"), ("mask", "segm")) for m in ("AP", "AP50", "AP75"))),
@@ -77,7 +77,7 @@ ZOO_COLUMNS: Tuple[Column, ...] = (
     Column("Places F5", "linear_places205_mhead", "feat5.top1"),
     Column("iNat F5", "linear_inat18_mhead", "feat5.top1"),
     Column("kNN k=20", "knn_imagenet", "k20.top1"),
-    Column("VOC det AP50", "det_voc0712_c4", "AP50"),
+    Column("VOC det AP50", "det_voc0712_c4", "bbox.AP50"),
     Column("COCO box AP", "det_coco_maskrcnn_fpn", "bbox.AP"),
     Column("COCO mask AP", "det_coco_maskrcnn_fpn", "segm.AP"),
     Column("VOC seg mIoU", "seg_voc12aug_fcn", "mIoU"),
@@ -331,6 +331,9 @@ def published_sources(published: Dict[str, Any]) -> List[str]:
                 note = f" ({alt['note']})" if alt.get("note") else ""
                 lines.append(f"- {protocol} `{metric}`: published as {entry['value']} (`{entry['source']}`), "
                              f"also {alt['value']} (`{alt['source']}`){note}; the first is shown.")
+    for entry in published.get("other", []):
+        lines.append(f"- {entry['protocol']} `{entry['metric']}` = {entry['value']} (`{entry['source']}`): "
+                     f"{entry['note']}; not used for deltas.")
     return lines
 
 

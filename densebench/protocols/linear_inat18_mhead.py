@@ -1,0 +1,57 @@
+"""iNaturalist-2018 multi-head linear probe on Feature1..Feature5 (PROTOCOLS.md 4,
+[0x] `resnet50_mhead_8xb32-steplr-84e_inat18`).
+
+The model is that of 3a (five heads, specified pooling, synced BatchNorm(affine=False),
+Linear -> 8142); 84 epochs, steps [24, 48, 72]. No published DenseCL numbers.
+Trainer: `linear_probe`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Tuple
+
+from torchvision import transforms as T
+
+from densebench.evaluate.context import ProtocolOutput, RunContext
+from densebench.protocols.linear_probe import load_probe_data, normalize, run_probe
+
+NAME = "linear_inat18_mhead"
+
+
+@dataclass
+class Config:
+    num_classes: int = 8142                         # 4: 8142 classes
+    epochs: int = 84                                # 4
+    lr: float = 0.01                                # 4: SGD 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    nesterov: bool = True
+    lr_steps: Tuple[int, ...] = (24, 48, 72)        # 4: x0.1 each
+    lr_gamma: float = 0.1
+    batch_size: int = 256                           # global batch, 32 x 8 GPUs
+    init_std: float = 0.01                          # N(0, 0.01), bias 0
+    bn_momentum: float = 0.1                        # BatchNorm2d(C, affine=False, momentum 0.1), SyncBN
+    pooling: str = "specified"                      # 2.1 AvgPool2d specs; "adaptive" = same grids, any size
+    crop_size: int = 224                            # RandomResizedCrop 224 / test CenterCrop 224
+    resize_size: int = 256                          # test: resize short side 256
+    rrc_scale: Tuple[float, float] = (0.08, 1.0)    # default RRC scale, bilinear
+    eval_interval: int = 10                         # every 10 epochs (and at the end)
+    amp: bool = True                                # bf16 autocast of the backbone on GPU
+    channels_last: bool = True                      # on GPU
+    fast: bool = False                              # cached features, no augmentation: not comparable
+
+
+def train_transform(cfg: Config) -> T.Compose:
+    """RandomResizedCrop 224 + HFlip + Normalize (4)."""
+    return T.Compose([
+        T.RandomResizedCrop(cfg.crop_size, scale=tuple(cfg.rrc_scale),
+                            interpolation=T.InterpolationMode.BILINEAR),
+        T.RandomHorizontalFlip(),
+        T.ToTensor(),
+        normalize(),
+    ])
+
+
+def run(ctx: RunContext, cfg: Config) -> ProtocolOutput:
+    train_items, val_items, data = load_probe_data("inat18", ctx.data_root, cfg.num_classes)
+    return run_probe(ctx, cfg, "multi", train_items, val_items, train_transform(cfg), data)
