@@ -12,7 +12,7 @@ from typing import Tuple
 from torchvision import transforms as T
 
 from densebench.evaluate.context import ProtocolOutput, RunContext
-from densebench.protocols.linear_probe import load_probe_data, normalize, run_probe
+from densebench.protocols.linear_probe import crop_flip_transform, load_probe_data, run_probe
 
 NAME = "linear_imagenet"
 
@@ -40,13 +40,7 @@ class Config:
 
 def train_transform(cfg: Config) -> T.Compose:
     """RRC + HFlip + Normalize; no jitter, no lighting (3b)."""
-    return T.Compose([
-        T.RandomResizedCrop(cfg.crop_size, scale=tuple(cfg.rrc_scale),
-                            interpolation=T.InterpolationMode.BILINEAR),
-        T.RandomHorizontalFlip(),
-        T.ToTensor(),
-        normalize(),
-    ])
+    return crop_flip_transform(cfg.crop_size, cfg.rrc_scale)
 
 
 def run(ctx: RunContext, cfg: Config) -> ProtocolOutput:

@@ -97,6 +97,16 @@ def normalize() -> T.Normalize:
     return T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
 
 
+def crop_flip_transform(crop_size: int, rrc_scale: Sequence[float]) -> T.Compose:
+    """RandomResizedCrop (bilinear) + HFlip + Normalize: the AvgPool (3b) and iNat18 (4) train pipeline."""
+    return T.Compose([
+        T.RandomResizedCrop(crop_size, scale=tuple(rrc_scale), interpolation=T.InterpolationMode.BILINEAR),
+        T.RandomHorizontalFlip(),
+        T.ToTensor(),
+        normalize(),
+    ])
+
+
 def test_transform(resize_size: int, crop_size: int) -> T.Compose:
     """Resize the short side (bilinear), centre crop, normalise: the test preprocessing of 3a/3b/4."""
     return T.Compose([T.Resize(resize_size, interpolation=T.InterpolationMode.BILINEAR),
