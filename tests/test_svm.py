@@ -10,7 +10,8 @@ from sklearn.metrics import average_precision_score
 
 from densebench.protocols.svm_solver import SVMProblems, fit_svms, fit_svms_sklearn, l2_normalize
 from densebench.protocols.voc_svm_common import (REFERENCE_COSTS, SolverOptions, aggregate_lowshot,
-                                                 class_ap_on_test, full_svm_sweep, lowshot_fit_and_test,
+                                                 batched_envelope_ap, batched_ranking_ap, class_ap_on_test,
+                                                 full_svm_sweep, group_bases, lowshot_fit_and_test, lowshot_groups,
                                                  lowshot_rng, ranking_ap, sample_lowshot_targets,
                                                  synthetic_voc_features, voc_envelope_ap)
 
@@ -138,3 +139,88 @@ def test_lowshot_matches_sklearn_reference_and_aggregation():
         best = maps.mean(axis=0).argmax()
         assert a["mAP"] == pytest.approx(maps[:, best].mean())
         assert a["min"] == pytest.approx(maps[:, best].min()) and a["cost"] == costs[best]
+
+
+# ----------------------------------------------------------------------------- batched torch paths
+
+def test_batched_aps_match_per_problem_definitions():
+    rng = np.random.default_rng(5)
+    for i in range(40):
+        n = int(rng.integers(2, 40))
+        scores = rng.integers(0, 4, (6, n)).astype(float) if i % 2 else rng.normal(size=(6, n))
+        positives = rng.random((6, n)) < 0.3
+        keep = rng.random((6, n)) < 0.8
+        env = batched_envelope_ap(torch.tensor(scores), torch.tensor(positives), torch.tensor(keep)).numpy()
+        rank = batched_ranking_ap(torch.tensor(scores), torch.tensor(positives), torch.tensor(keep)).numpy()
+        for p in range(6):
+            kept = keep[p]
+            assert env[p] == pytest.approx(voc_envelope_ap(scores[p][kept], positives[p][kept]), abs=1e-12)
+            assert rank[p] == pytest.approx(ranking_ap(scores[p][kept], positives[p][kept]), abs=1e-12)
+
+
+def test_grouped_solver_with_padding_and_warm_start_reaches_liblinear_optimum():
+    rng = np.random.default_rng(6)
+    x = l2_normalize(np.abs(rng.normal(size=(90, 50))) + (rng.random((90, 1)) < 0.3))
+    samples = []
+    for _ in range(2):                                   # two "samples" of 3 classes, uneven group sizes
+        sample = -np.ones((90, 3), dtype=np.int8)
+        for c in range(3):
+            rows = rng.choice(90, size=12 + 5 * c, replace=False)
+            sample[rows, c] = (rng.random(len(rows)) < 0.3).astype(np.int8)
+            sample[rows[0], c] = 1
+        samples.append(sample)
+    rows, valid, labels = lowshot_groups(samples)
+    assert rows.shape == (6, 22) and valid.sum() == 2 * (12 + 17 + 22)
+    xt = torch.as_tensor(np.c_[x, np.ones(90)])
+    x_rows = xt[torch.as_tensor(rows)] * torch.as_tensor(valid)[..., None]
+    z, map_back = group_bases(x_rows @ x_rows.transpose(1, 2))
+    costs = np.array([0.5 ** 10, 0.0625, 1.0, 10.0])
+    weights_t = torch.where(torch.as_tensor(labels) > 0, 2.0, 1.0).double() * torch.as_tensor(valid)
+    for warm in (float("inf"), 0.1):
+        options = SolverOptions(warm_start_above=warm)
+        w_z, _ = options.solve_costs(z, torch.as_tensor(labels).double()[:, None], weights_t[:, None], costs)
+        w = torch.bmm(torch.bmm(w_z[:, 0], map_back.transpose(1, 2)), x_rows).numpy()     # (6, costs, D + 1)
+        for g in range(6):
+            r = rows[g, valid[g]]
+            problems = SVMProblems(np.tile(labels[g, valid[g]], (4, 1)), np.ones((4, len(r)), bool), costs)
+            ref = fit_svms_sklearn(x[r], problems, tol=1e-8, max_iter=100000)
+            np.testing.assert_allclose(w[g, :, :-1], ref.weights, atol=2e-3)
+            np.testing.assert_allclose(w[g, :, -1], ref.bias, atol=2e-3)
+
+
+def test_torch_pipelines_options_agree():
+    """Warm start on/off, one chunk or many, float32 or float64 CG: same optimum, same APs."""
+    train_x, train_t, test_x, test_t = synthetic_voc_features(120, 80, 64, seed=7, signal=0.3)
+    costs = REFERENCE_COSTS[::2]
+    base = full_svm_sweep(train_x, train_t, test_x, test_t, costs, options=SolverOptions(warm_start_above=np.inf,
+                                                                                       cg_dtype="float64"))
+    timings = {}
+    warm = full_svm_sweep(train_x, train_t, test_x, test_t, costs, options=SolverOptions(), timings=timings)
+    np.testing.assert_allclose(warm.cv_scores, base.cv_scores, atol=1e-6)
+    np.testing.assert_allclose(warm.class_aps, base.class_aps, atol=1e-6)
+    assert timings["fit"] > 0 and timings["score"] > 0
+    samples = [sample_lowshot_targets(train_t, 2, random.Random(s)) for s in range(2)]
+    one = lowshot_fit_and_test(train_x, samples, test_x, test_t, costs, SolverOptions())
+    many = lowshot_fit_and_test(train_x, samples, test_x, test_t, costs, SolverOptions(chunk_bytes=1))
+    np.testing.assert_allclose(one, many, atol=1e-6)
+    cold = lowshot_fit_and_test(train_x, samples, test_x, test_t, costs, SolverOptions(warm_start_above=np.inf))
+    assert np.abs(cold - one).max() <= 2e-3 and np.abs(cold - one).mean() <= 1e-4   # near-ties may swap
+    large_k = [sample_lowshot_targets(train_t, 5, random.Random(s)) for s in range(2)]   # union Gram route
+    a = lowshot_fit_and_test(train_x, large_k, test_x, test_t, costs, SolverOptions())
+    b = lowshot_fit_and_test(train_x, large_k, test_x, test_t, costs, SolverOptions(backend="sklearn"))
+    assert abs(aggregate_lowshot(a, costs)["mAP"] - aggregate_lowshot(b, costs)["mAP"]) <= 0.1
+    union = lowshot_fit_and_test(train_x, samples, test_x, test_t, costs, SolverOptions(backend="sklearn"))
+    assert abs(aggregate_lowshot(one, costs)["mAP"] - aggregate_lowshot(union, costs)["mAP"]) <= 0.1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_torch_pipelines_on_cuda_match_cpu():
+    train_x, train_t, test_x, test_t = synthetic_voc_features(150, 100, 256, seed=8, signal=0.25)
+    cpu = full_svm_sweep(train_x, train_t, test_x, test_t, options=SolverOptions())
+    gpu = full_svm_sweep(train_x, train_t, test_x, test_t, options=SolverOptions(device="cuda"))
+    assert abs(cpu.mean_ap - gpu.mean_ap) <= 0.1
+    np.testing.assert_allclose(gpu.cv_scores, cpu.cv_scores, atol=1e-3)
+    samples = [sample_lowshot_targets(train_t, k, random.Random(k)) for k in (1, 4)]
+    a = lowshot_fit_and_test(train_x, samples, test_x, test_t, REFERENCE_COSTS, SolverOptions())
+    b = lowshot_fit_and_test(train_x, samples, test_x, test_t, REFERENCE_COSTS, SolverOptions(device="cuda"))
+    assert np.abs(a - b).mean() <= 1e-3

@@ -4,19 +4,25 @@ Everything here works on features already in memory, so tests and benchmarks run
 protocol pipelines on synthetic features:
     full_svm_sweep(train_x, train_targets, test_x, test_targets, ...)      section 2.3
     sample_lowshot_targets(train_targets, k, rng)                        section 2.4
-    lowshot_sweep(...)                                                   section 2.4
+    lowshot_fit_and_test(train_x, samples, test_x, test_targets, ...)     section 2.4
 Label encoding (section 2.2): 1 present, 0 absent, -1 difficult-only.
+With the torch backend both sweeps stay in torch on SolverOptions.device: batched solves
+(svm_solver.solve_primal_newton), CV decision values taken from the solver's margins, CV and
+test APs as batched sorts (batched_ranking_ap / batched_envelope_ap). The sklearn backend
+fits one LinearSVC per problem, as the reference does.
 """
 from __future__ import annotations
 
 import random
+import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 
-from densebench.protocols.svm_solver import LinearModels, RowBasis, SVMProblems, fit_svms, l2_normalize
+from densebench.protocols.svm_solver import (LinearModels, RowBasis, SVMProblems, augment_intercept, fit_svms,
+                                             l2_normalize, solve_primal_newton)
 
 # "1.0,10.0,100.0" plus 0.5^n for n = 4..19, in this order (eval_svm_full.sh; svm_helper.parse_cost_list)
 REFERENCE_COSTS = (1.0, 10.0, 100.0) + tuple(0.5 ** n for n in range(4, 20))
@@ -71,6 +77,51 @@ def ranking_ap(scores: np.ndarray, positives: np.ndarray) -> float:
     return float(np.sum(recall_steps * tp / seen))
 
 
+def _sorted_rows(scores: torch.Tensor, positives: torch.Tensor, keep: torch.Tensor):
+    """Sort each row by score, descending and stable, with the rows not kept moved to the end."""
+    scores = torch.where(keep, scores.to(torch.float64), torch.full_like(scores, float("-inf"), dtype=torch.float64))
+    sorted_scores, order = torch.sort(scores, dim=1, descending=True, stable=True)
+    kept = torch.gather(keep, 1, order)
+    pos = torch.gather(positives & keep, 1, order)
+    return sorted_scores, pos, kept
+
+
+def batched_envelope_ap(scores: torch.Tensor, positives: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """voc_envelope_ap for every row of scores (P, M) at once, over the columns where keep is True.
+
+    One sort for all problems. The envelope precision at each positive is the running maximum of
+    precision from the end (the final sentinel precision is 0); each positive adds 1/num_pos of
+    recall. Rows without a positive give 0.
+    """
+    _, pos, kept = _sorted_rows(scores, positives, keep)
+    tp = torch.cumsum(pos, dim=1, dtype=torch.float64)
+    seen = torch.cumsum(kept, dim=1, dtype=torch.float64)
+    precision = torch.where(kept, tp / seen.clamp(min=1.0), torch.zeros_like(tp))
+    envelope = torch.flip(torch.cummax(torch.flip(precision, [1]), dim=1).values, [1])
+    num_pos = pos.sum(1)
+    return (envelope * pos).sum(1) / num_pos.clamp(min=1)
+
+
+def batched_ranking_ap(scores: torch.Tensor, positives: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """ranking_ap (sklearn's AP, tied scores form one threshold) for every row at once.
+
+    Each positive contributes 1/num_pos times the precision at the end of its group of tied scores.
+    """
+    sorted_scores, pos, kept = _sorted_rows(scores, positives, keep)
+    num_rows, width = sorted_scores.shape
+    tp = torch.cumsum(pos, dim=1, dtype=torch.float64)
+    seen = torch.cumsum(kept, dim=1, dtype=torch.float64)
+    precision = tp / seen.clamp(min=1.0)
+    group_end = torch.ones_like(kept)
+    group_end[:, :-1] = sorted_scores[:, 1:] != sorted_scores[:, :-1]
+    position = torch.arange(width, device=scores.device).expand(num_rows, -1)
+    end_position = torch.where(group_end, position, torch.full_like(position, width - 1))
+    next_end = torch.flip(torch.cummin(torch.flip(end_position, [1]), dim=1).values, [1])
+    at_group_end = torch.gather(precision, 1, next_end)
+    num_pos = pos.sum(1)
+    return (at_group_end * pos).sum(1) / num_pos.clamp(min=1)
+
+
 def class_ap_on_test(scores: np.ndarray, class_targets: np.ndarray) -> float:
     """Test AP of one class: difficult rows (-1) dropped, then label 1 = positive (test_svm.py)."""
     keep = class_targets != -1
@@ -94,21 +145,91 @@ class SolverOptions:
     backend: str = "torch"                 # "torch" (batched) or "sklearn" (reference LinearSVC)
     device: str = "cpu"
     tol: float = 1e-6                      # relative gradient norm at which a torch problem stops
-    dtype: str = "float64"
+    dtype: str = "float64"                 # torch: basis, gradients, margins, stopping test
     pos_weight: float = 2.0                # class_weight {+1: 2, -1: 1} (train_svm_kfold.py)
     neg_weight: float = 1.0
     sklearn_max_iter: int = 2000           # reference LinearSVC max_iter
+    cg_dtype: str = "float32"              # torch: Hessian products of the inner CG (inexact Newton)
+    score_dtype: str = "float32"           # torch: low-shot test scores (ranking only)
+    chunk_bytes: Optional[int] = None      # torch low-shot: memory per chunk of (sample, class) groups;
+                                           # None: 512 MiB on CPU, 4 GiB on CUDA
+    warm_start_above: float = 0.1          # torch: costs >= this are solved one by one, ascending, each
+                                           # started from the previous cost's optimum (inf: all cold)
 
     def fit(self, x: np.ndarray, labels, mask, costs, basis: Optional[RowBasis] = None) -> LinearModels:
         problems = SVMProblems(labels, mask, costs, self.pos_weight, self.neg_weight)
         return fit_svms(x, problems, backend=self.backend, device=self.device, tol=self.tol,
                         dtype=getattr(torch, self.dtype), basis=basis,
-                        sklearn_max_iter=self.sklearn_max_iter)
+                        sklearn_max_iter=self.sklearn_max_iter, cg_dtype=getattr(torch, self.cg_dtype))
 
     def basis(self, x: np.ndarray) -> Optional[RowBasis]:
         if self.backend != "torch":
             return None
         return RowBasis.build(x, device=self.device, dtype=getattr(torch, self.dtype))
+
+    def solve(self, z: torch.Tensor, labels: torch.Tensor, row_costs: torch.Tensor, stats=None):
+        """Torch solve in row-space coordinates -> (w, margins), see solve_primal_newton."""
+        return solve_primal_newton(z, labels, row_costs, tol=self.tol, cg_dtype=getattr(torch, self.cg_dtype),
+                                   return_margins=True, stats=stats)
+
+    def solve_costs(self, z: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, costs: np.ndarray,
+                    stats=None):
+        """Every problem of labels/weights (G, B, N) at every cost -> w (G, B, K, r), margins (G, B, K, N).
+
+        weights are the per-row class weights times the row mask (the cost multiplies them). The
+        costs below warm_start_above converge from zero in a few Newton steps and go in one batch;
+        the larger ones (where the hinge is nearly hard and CG needs many iterations) are solved in
+        ascending order, each warm-started from the optimum at the previous cost.
+        """
+        num_groups, batch, num_rows = labels.shape
+        cost_t = torch.as_tensor(costs, device=z.device, dtype=z.dtype)
+        w = torch.zeros(num_groups, batch, len(costs), z.shape[2], dtype=z.dtype, device=z.device)
+        margins = torch.zeros(num_groups, batch, len(costs), num_rows, dtype=z.dtype, device=z.device)
+        cold_np = np.flatnonzero(costs < self.warm_start_above)
+        cold = torch.as_tensor(cold_np, device=z.device)
+        warm = [int(j) for j in np.argsort(costs, kind="stable") if costs[j] >= self.warm_start_above]
+        if len(cold_np):
+            shape = (num_groups, batch, len(cold_np), num_rows)
+            row_costs = cost_t[cold][None, None, :, None] * weights[:, :, None, :]
+            w_c, m_c = solve_primal_newton(z, labels[:, :, None, :].expand(shape).reshape(num_groups, -1, num_rows),
+                                           row_costs.reshape(num_groups, -1, num_rows), tol=self.tol,
+                                           cg_dtype=getattr(torch, self.cg_dtype), return_margins=True, stats=stats)
+            w[:, :, cold] = w_c.reshape(num_groups, batch, len(cold_np), -1)
+            margins[:, :, cold] = m_c.reshape(shape)
+        previous = int(cold_np[np.argmax(costs[cold_np])]) if len(cold_np) else None
+        for j in warm:
+            w0 = None if previous is None else w[:, :, previous]
+            w[:, :, j], margins[:, :, j] = solve_primal_newton(
+                z, labels, cost_t[j] * weights, tol=self.tol, cg_dtype=getattr(torch, self.cg_dtype),
+                w0=w0, return_margins=True, stats=stats)
+            previous = j
+        return w, margins
+
+
+class _Timer:
+    """Adds the wall time of a block to timings[key] (synchronising CUDA), if timings is a dict."""
+
+    def __init__(self, timings: Optional[dict], key: str, device="cpu"):
+        self.timings, self.key, self.device = timings, key, torch.device(device)
+
+    def __enter__(self):
+        self._sync()
+        self.tic = time.perf_counter()
+
+    def __exit__(self, *exc):
+        self._sync()
+        if self.timings is not None:
+            self.timings[self.key] = self.timings.get(self.key, 0.0) + time.perf_counter() - self.tic
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def _weighted_costs(labels: torch.Tensor, options: SolverOptions) -> torch.Tensor:
+    """Class weight per row: pos_weight for +1 labels, neg_weight for -1."""
+    return torch.where(labels > 0, torch.full_like(labels, options.pos_weight),
+                       torch.full_like(labels, options.neg_weight))
 
 
 # ----------------------------------------------------------------------------- full SVM (2.3)
@@ -134,11 +255,18 @@ def stratified_folds(labels: np.ndarray, num_folds: int) -> List[np.ndarray]:
 
 def full_svm_sweep(train_x: np.ndarray, train_targets: np.ndarray, test_x: np.ndarray,
                    test_targets: np.ndarray, costs: Sequence[float] = REFERENCE_COSTS,
-                   num_folds: int = 3, options: Optional[SolverOptions] = None) -> FullSVMResult:
-    """CV over costs per class with sklearn's AP definition, per-class argmax (first wins), refit, test AP."""
+                   num_folds: int = 3, options: Optional[SolverOptions] = None,
+                   timings: Optional[dict] = None) -> FullSVMResult:
+    """CV over costs per class with sklearn's AP definition, per-class argmax (first wins), refit, test AP.
+
+    timings (a dict) receives the seconds spent in "fit" (all solver work) and "score".
+    """
     options = options or SolverOptions()
     train_x, test_x = l2_normalize(train_x), l2_normalize(test_x)
     costs = np.asarray(costs, dtype=np.float64)
+    if options.backend == "torch":
+        return _full_svm_sweep_torch(train_x, train_targets, test_x, test_targets, costs, num_folds, options, timings)
+    tic = time.perf_counter()
     num_rows, num_classes = train_targets.shape
     basis = options.basis(train_x)
 
@@ -154,6 +282,7 @@ def full_svm_sweep(train_x: np.ndarray, train_targets: np.ndarray, test_x: np.nd
                 problem_costs.append(cost)
                 index.append((c, j, held_out))
     models = options.fit(train_x, np.stack(labels), np.stack(masks), np.array(problem_costs), basis)
+    fit_seconds = time.perf_counter() - tic
     train_scores = models.decision(train_x)
     cv_sum = np.zeros((num_classes, len(costs)))
     for p, (c, j, held_out) in enumerate(index):
@@ -164,8 +293,52 @@ def full_svm_sweep(train_x: np.ndarray, train_targets: np.ndarray, test_x: np.nd
     chosen = costs[np.argmax(cv_scores, axis=1)]               # argmax: first maximum wins
 
     refit_labels = np.stack([train_labels(train_targets[:, c]) for c in range(num_classes)])
+    tic = time.perf_counter()
     refit = options.fit(train_x, refit_labels, np.ones_like(refit_labels, dtype=bool), chosen, basis)
+    fit_seconds += time.perf_counter() - tic
     aps = aps_on_test(refit.decision(test_x), test_targets, np.arange(num_classes))
+    if timings is not None:
+        timings["fit"] = timings.get("fit", 0.0) + fit_seconds
+    return FullSVMResult(class_aps=aps, chosen_costs=chosen, cv_scores=cv_scores)
+
+
+def _full_svm_sweep_torch(train_x, train_targets, test_x, test_targets, costs, num_folds,
+                          options: SolverOptions, timings) -> FullSVMResult:
+    """The batched version of the sweep above, all on options.device.
+
+    One row-space basis serves every fold, cost and the refit; the CV decision values are the
+    solver's margins (no mapping back to feature space); CV and test APs are batched sorts.
+    """
+    device, dtype = torch.device(options.device), getattr(torch, options.dtype)
+    num_rows, num_classes = train_targets.shape
+    num_costs = len(costs)
+    labels = torch.as_tensor(np.stack([train_labels(train_targets[:, c]) for c in range(num_classes)]),
+                             device=device).to(dtype)                                   # (C, N)
+    held_out = torch.zeros(num_classes, num_folds, num_rows, dtype=torch.bool, device=device)
+    for c in range(num_classes):
+        for f, rows in enumerate(stratified_folds(labels[c].cpu().numpy(), num_folds)):
+            held_out[c, f, torch.as_tensor(rows, device=device)] = True
+    with _Timer(timings, "fit", device):
+        basis = RowBasis.build(train_x, device=device, dtype=dtype)
+        shape = (num_classes, num_folds, num_costs, num_rows)
+        cv_labels = labels[:, None, None, :].expand(shape)
+        cv_weights = _weighted_costs(labels, options)[:, None, :] * (~held_out)                # (C, F, N)
+        _, margins = options.solve_costs(basis.z[None], labels[:, None, :].expand_as(cv_weights).reshape(1, -1, num_rows),
+                                         cv_weights.reshape(1, -1, num_rows), costs)
+        margins = margins.reshape(-1, num_rows)
+    with _Timer(timings, "score", device):
+        cv_aps = batched_ranking_ap(margins, (cv_labels > 0).reshape(-1, num_rows),
+                                    held_out[:, :, None, :].expand(shape).reshape(-1, num_rows))
+        cv_scores = cv_aps.reshape(num_classes, num_folds, num_costs).mean(1).cpu().numpy()
+    chosen = costs[np.argmax(cv_scores, axis=1)]               # argmax: first maximum wins
+    with _Timer(timings, "fit", device):
+        refit_costs = torch.as_tensor(chosen, device=device, dtype=dtype)[:, None] * _weighted_costs(labels, options)
+        w_z, _ = options.solve(basis.z, labels, refit_costs)
+        weights = (basis.transform @ w_z.T).T                                        # (C, D + 1)
+    with _Timer(timings, "score", device):
+        test_aug = augment_intercept(torch.as_tensor(test_x, device=device).to(dtype))
+        test_t = torch.as_tensor(test_targets, device=device)
+        aps = batched_envelope_ap(weights @ test_aug.T, (test_t == 1).T, (test_t != -1).T).cpu().numpy()
     return FullSVMResult(class_aps=aps, chosen_costs=chosen, cv_scores=cv_scores)
 
 
@@ -197,17 +370,23 @@ def lowshot_rng(seed: int, sample_index: int, k: int) -> random.Random:
 
 def lowshot_fit_and_test(train_x: np.ndarray, samples: Sequence[np.ndarray], test_x: np.ndarray,
                          test_targets: np.ndarray, costs: Sequence[float] = REFERENCE_COSTS,
-                         options: Optional[SolverOptions] = None, normalized: bool = False) -> np.ndarray:
+                         options: Optional[SolverOptions] = None, normalized: bool = False,
+                         timings: Optional[dict] = None) -> np.ndarray:
     """Test APs (len(samples), num_costs, num_classes) for low-shot target matrices.
 
     For each class of each sample: train on the rows whose label != -1 (0 becomes -1), no CV,
-    every cost; test on the full test set without difficult rows. All samples, classes and
-    costs go to the solver as one batch, over the union of the rows any of them uses.
+    every cost; test on the full test set without difficult rows. The sklearn backend fits one
+    problem at a time; the torch backend solves each (sample, class) group in the row space of
+    its own 20k rows (all groups and costs batched, see _lowshot_torch).
+    timings (a dict) receives the seconds spent in "fit" and "score".
     """
     options = options or SolverOptions()
+    costs = np.asarray(costs, dtype=np.float64)
+    if options.backend == "torch":
+        return _lowshot_torch(train_x, samples, test_x, test_targets, costs, options, timings, normalized)
     if not normalized:
         train_x, test_x = l2_normalize(train_x), l2_normalize(test_x)
-    costs = np.asarray(costs, dtype=np.float64)
+    tic = time.perf_counter()
     num_classes = test_targets.shape[1]
     used = np.flatnonzero(np.any([np.any(s != -1, axis=1) for s in samples], axis=0))
     sub_x = train_x[used]
@@ -222,8 +401,112 @@ def lowshot_fit_and_test(train_x: np.ndarray, samples: Sequence[np.ndarray], tes
                 problem_costs.append(cost)
                 classes.append(c)
     models = options.fit(sub_x, np.stack(labels), np.stack(masks), np.array(problem_costs), basis)
+    if timings is not None:
+        timings["fit"] = timings.get("fit", 0.0) + time.perf_counter() - tic
     aps = aps_on_test(models.decision(test_x), test_targets, np.array(classes))
     return aps.reshape(len(samples), num_classes, len(costs)).transpose(0, 2, 1)
+
+
+def lowshot_groups(samples: Sequence[np.ndarray]):
+    """(sample, class) groups of a low-shot sweep: rows (G, n) int64 indices of the rows each group
+    trains on, padded with row 0; valid (G, n) False on padding; labels (G, n) +1/-1 (0 -> -1)."""
+    members = [(s, c, np.flatnonzero(sample[:, c] != -1)) for s, sample in enumerate(samples)
+               for c in range(sample.shape[1])]
+    width = max(1, max(len(rows) for _, _, rows in members))
+    rows = np.zeros((len(members), width), dtype=np.int64)
+    valid = np.zeros((len(members), width), dtype=bool)
+    labels = -np.ones((len(members), width), dtype=np.int8)
+    for g, (s, c, r) in enumerate(members):
+        rows[g, :len(r)] = r
+        valid[g, :len(r)] = True
+        labels[g, :len(r)] = np.where(samples[s][r, c] == 1, 1, -1)
+    return rows, valid, labels
+
+
+def group_bases(gram: torch.Tensor, rel_eps: float = 1e-10):
+    """Orthonormal row-space coordinates per group from its Gram matrix (G, n, n) of augmented rows:
+    z = U sqrt(L) (G, n, n), and the map back U / sqrt(L) with the null directions set to 0, so
+    that a group's weights are w = x~_rows^T (map_back @ w_z)."""
+    evals, evecs = torch.linalg.eigh(gram)
+    keep = evals > evals.amax(dim=1, keepdim=True).clamp(min=1e-300) * rel_eps
+    root = torch.where(keep, evals.clamp(min=0).sqrt(), torch.zeros_like(evals))
+    z = evecs * root[:, None, :]
+    map_back = evecs * torch.where(keep, 1.0 / root.clamp(min=1e-300), torch.zeros_like(root))[:, None, :]
+    return z, map_back
+
+
+def _torch_l2_normalize(x: torch.Tensor) -> torch.Tensor:
+    """l2_normalize on a float64 tensor (same formula, on the solver's device)."""
+    return x / (x.norm(dim=1, keepdim=True) + 1e-5)
+
+
+def _lowshot_torch(train_x, samples, test_x, test_targets, costs, options: SolverOptions, timings,
+                   normalized: bool) -> np.ndarray:
+    """Low-shot sweep with one small row-space basis per (sample, class) group.
+
+    A problem trains on 20k rows, so its optimum lies in the span of those rows: the Gram matrix
+    of the group (n x n, n = 20k) gives coordinates of dimension <= n, shared by the group's 19
+    costs, instead of the union of all rows. Groups go through the solver together, in chunks
+    that bound memory (chunk_bytes); the weights are mapped back and the test set scored per chunk.
+    """
+    device, dtype = torch.device(options.device), getattr(torch, options.dtype)
+    score_dtype = getattr(torch, options.score_dtype)
+    num_classes = test_targets.shape[1]
+    rows_np, valid_np, labels_np = lowshot_groups(samples)
+    num_groups, width = rows_np.shape
+    group_class = torch.as_tensor(np.tile(np.arange(num_classes), len(samples)), device=device)
+    used = np.unique(rows_np[valid_np])                      # only these training rows matter
+    rows_np = np.searchsorted(used, rows_np).clip(max=max(len(used) - 1, 0))   # indices into `used`
+    # The intercept feature is never materialised: [x, 1].[x', 1] = x.x' + 1, and a weight vector
+    # sum_i coef_i [x_i, 1] has bias sum_i coef_i.
+    with _Timer(timings, "fit", device):
+        train_used = torch.as_tensor(np.asarray(train_x)[used], device=device).to(dtype)
+        if not normalized:
+            train_used = _torch_l2_normalize(train_used)
+        train_lo = train_used.to(score_dtype)
+    with _Timer(timings, "score", device):
+        test_lo = torch.as_tensor(np.asarray(test_x), device=device).to(score_dtype)
+        if not normalized:                   # the test rows are only ranked: score_dtype suffices
+            test_lo = test_lo / (torch.linalg.vector_norm(test_lo, dim=1, keepdim=True) + 1e-5)
+        test_t = torch.as_tensor(test_targets, device=device)
+        test_pos, test_keep = (test_t == 1).T, (test_t != -1).T                          # (C, M)
+    dim = train_used.shape[1]
+    num_test = test_lo.shape[0]
+    union_gram = None
+    if num_groups * width * width > len(used) * len(used):     # large k: one Gram of all used rows is cheaper
+        with _Timer(timings, "fit", device):
+            union_gram = train_used @ train_used.T + 1.0
+    per_group = 8 * (width * dim + 4 * width * width + 12 * len(costs) * width + len(costs) * dim
+                     + 5 * len(costs) * num_test)                     # bytes held per group
+    budget = options.chunk_bytes or (4 * 2 ** 30 if device.type == "cuda" else 512 * 2 ** 20)
+    chunk = max(1, int(budget // per_group))
+    aps = torch.zeros(num_groups, len(costs), dtype=torch.float64, device=device)
+    for start in range(0, num_groups, chunk):
+        part = slice(start, min(start + chunk, num_groups))
+        with _Timer(timings, "fit", device):
+            rows = torch.as_tensor(rows_np[part], device=device)
+            valid = torch.as_tensor(valid_np[part], device=device)
+            if union_gram is None:                                   # per-group Gram in float64
+                x_rows = train_used[rows]                                            # (g, n, D)
+                gram = torch.baddbmm(torch.ones(1, 1, 1, dtype=dtype, device=device), x_rows, x_rows.transpose(1, 2))
+                del x_rows
+            else:
+                gram = union_gram[rows[:, :, None], rows[:, None, :]]
+            if not bool(valid.all()):                                # padding rows: zero rows/columns
+                gram.mul_(valid[:, :, None] & valid[:, None, :])
+            z, map_back = group_bases(gram)
+            labels = torch.as_tensor(labels_np[part], device=device).to(dtype)[:, None, :]
+            w_z, _ = options.solve_costs(z, labels, _weighted_costs(labels, options) * valid[:, None, :], costs)
+            coef = torch.bmm(w_z[:, 0], map_back.transpose(1, 2)) * valid[:, None, :]   # (g, costs, n)
+        with _Timer(timings, "score", device):
+            # weights only serve to rank the test set: formed and applied in score_dtype
+            weights = torch.bmm(coef.to(score_dtype), train_lo[rows])                   # (g, costs, D)
+            bias = coef.sum(-1).reshape(-1, 1).to(score_dtype)
+            scores = (test_lo @ weights.reshape(-1, dim).T).T + bias     # this operand order is faster on CPU
+            classes = group_class[part].repeat_interleave(len(costs))
+            aps[part] = batched_envelope_ap(scores, test_pos[classes], test_keep[classes]).reshape(-1, len(costs))
+    aps = aps.cpu().numpy().reshape(len(samples), num_classes, len(costs))
+    return aps.transpose(0, 2, 1)
 
 
 def aggregate_lowshot(aps: np.ndarray, costs: Sequence[float]) -> Dict[str, float]:
