@@ -83,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--arch", default=None)
     ev.add_argument("--set", action="append", default=[], metavar="PROTOCOL.KEY=VALUE",
                     help="override one protocol config field (recorded; the run is then not comparable)")
-    ev.add_argument("--workers", type=int, default=None, help="data-loading workers")
+    ev.add_argument("--workers", type=int, default=None,
+                    help="data-loading workers per process (default: up to 8 on GPU, 0 on CPU)")
     ev.add_argument("--allow-unsafe-pickle", action="store_true")
 
     rep = sub.add_parser("report", help="markdown/CSV/PNG report from result records")

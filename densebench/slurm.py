@@ -67,11 +67,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     if checkpoint is None:
         work = out / "pretrain" / "densecl_paper"
         pre = executor(logs, args, args.gpus, args.nodes, "densebench-pretrain")
+        resume = ["--resume"] if (work / "latest").is_file() else []
         job = pre.submit(DensebenchTask(["pretrain", "--data", str(Path(args.data_root) / "imagenet"),
-                                         "--work-dir", str(work), "--preset", "paper", "--resume"]))
+                                         "--work-dir", str(work), "--preset", "paper", *resume]))
         print(f"submitted pre-training: job {job.job_id}")
         dependency = job.job_id
-        checkpoint = str(work / "final.pth")
+        checkpoint = str(work / "backbone.pth")          # written by the trainer at the end
     ev = executor(logs, args, args.gpus, args.nodes, "densebench-evaluate")
     if dependency:
         ev.update_parameters(slurm_additional_parameters={"dependency": f"afterok:{dependency}"})

@@ -42,7 +42,10 @@ def make_fake_module(name: str, calls: list, explode_on: set):
         metrics = {"svm_voc07": {"feat5": {"mAP": value}},
                    "knn_imagenet": {f"k{k}": {"top1": value, "top5": value} for k in (10, 20, 100, 200)},
                    "seg_voc12aug_fcn": {"mIoU": value, "aAcc": value}}[name]
-        return runner.ProtocolOutput(metrics=metrics, data={"root": str(ctx.data_root)})
+        extra = {}
+        if name == "svm_voc07":
+            extra = {"classes": ["cat", "dog"], "per_layer": {"feat5": {"class_AP": [value, value / 2]}}}
+        return runner.ProtocolOutput(metrics=metrics, data={"root": str(ctx.data_root)}, extra=extra)
 
     module.run = run
     return module
@@ -182,3 +185,12 @@ def test_published_numbers_file_lists_the_conflicting_avgpool_values():
     for metrics in published["values"].values():
         for item in (metrics or {}).values():
             assert item["source"] in published["sources"]
+
+
+def test_report_draws_per_class_bars_from_record_extras(fakes, checkpoint, tmp_path):
+    assert evaluate(checkpoint, tmp_path) == 0
+    text = report.write_report(tmp_path / "res").read_text()
+    assert "report_files/svm_voc07_per_class.png" in text
+    assert (tmp_path / "res" / "report_files" / "svm_voc07_per_class.png").stat().st_size > 0
+    record = next(r for r in store.load_records(tmp_path / "res") if r["protocol"] == "svm_voc07")
+    assert report.per_class_values(record) == {"cat": 60.0, "dog": 30.0}

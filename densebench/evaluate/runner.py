@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import random
 import statistics
 import time
@@ -120,6 +121,14 @@ def print_plan(cells: List[Cell], info: CheckpointInfo, results_dir: Path, prese
         print(f"  {cell.protocol:<{width}}  {status}")
 
 
+def default_workers(device: torch.device) -> int:
+    """Data-loading workers per process: enough to feed a GPU; none on CPU, where decoding in the
+    main process is as fast as handing images over from worker processes at tiny scale."""
+    if device.type != "cuda":
+        return 0
+    return max(1, min(8, (os.cpu_count() or 1) // max(1, dist_utils.world_size()) - 1))
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -156,7 +165,7 @@ def run_cell(cell: Cell, args, info: CheckpointInfo, results_dir: Path, data_roo
         work_dir=results_dir / "work" / cell.key, cache_dir=results_dir / "cache" / "features",
         seed=args.seed, device=device, arch=args.arch, allow_unsafe_pickle=args.allow_unsafe_pickle,
         save_features_dir=Path(args.save_features) if args.save_features else None,
-        num_workers=args.workers if args.workers is not None else 0,
+        num_workers=args.workers if args.workers is not None else default_workers(device),
     )
     ctx.work_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(args.seed)

@@ -293,23 +293,37 @@ def plot_pretrain(logs, path: Path) -> bool:
     return True
 
 
-def plot_per_class(rows: List[Row], protocol: str, extra_key: str, ylabel: str, path: Path) -> bool:
-    """Grouped bars of a per-class dict stored in record["extra"][extra_key] ({class: value})."""
+def per_class_values(record: Dict[str, Any]) -> Optional[Dict[str, Optional[float]]]:
+    """{class name: value} in class order from a record's extra, for the protocols that store it."""
+    extra = record.get("extra") or {}
+    if record["protocol"] == "svm_voc07":
+        layer = (extra.get("per_layer") or {}).get("feat5") or {}
+        if extra.get("classes") and layer.get("class_AP"):
+            return dict(zip(extra["classes"], layer["class_AP"]))
+    elif record["protocol"].startswith("seg_"):
+        ious = extra.get("per_class_IoU")
+        if isinstance(ious, dict):
+            return {name: ious.get(name) for name in extra.get("class_names", sorted(ious))}
+    return None
+
+
+def plot_per_class(rows: List[Row], protocol: str, ylabel: str, path: Path) -> bool:
+    """Grouped bars of per-class values (AP or IoU) of every row that has a record of `protocol`."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    series = [(row.label, row.records[protocol]["extra"].get(extra_key)) for row in rows
-              if protocol in row.records and isinstance(row.records[protocol].get("extra", {}).get(extra_key), dict)]
+    series = [(row.label, per_class_values(row.records[protocol])) for row in rows if protocol in row.records]
+    series = [(label, values) for label, values in series if values]
     if not series:
         return False
     classes = list(series[0][1])
     width = 0.8 / len(series)
     fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(classes)), 4))
     for i, (label, values) in enumerate(series):
-        heights = [values.get(c) if isinstance(values.get(c), (int, float)) else 0.0 for c in classes]
+        heights = [values.get(c) or 0.0 for c in classes]         # None = class absent from the split
         ax.bar(np.arange(len(classes)) + i * width, heights, width, label=label)
     ax.set_xticks(np.arange(len(classes)) + 0.4 - width / 2)
     ax.set_xticklabels(classes, rotation=60, ha="right", fontsize=7)
@@ -355,10 +369,11 @@ def results_page(records, rows, published, assets: Path, asset_prefix: str, resu
         figures.append(("Low-shot SVM: mAP vs k", "lowshot.png"))
     if plot_pretrain(read_pretrain_logs(results_dir), assets / "pretrain_loss.png"):
         figures.append(("Pre-training loss", "pretrain_loss.png"))
-    if plot_per_class(rows, "svm_voc07", "feat5_per_class_ap", "AP (%)", assets / "svm_voc07_per_class.png"):
+    if plot_per_class(rows, "svm_voc07", "AP (%)", assets / "svm_voc07_per_class.png"):
         figures.append(("VOC07 SVM per-class AP (feature5)", "svm_voc07_per_class.png"))
-    if plot_per_class(rows, "seg_voc12aug_fcn", "per_class_iou", "IoU (%)", assets / "seg_voc12aug_per_class.png"):
-        figures.append(("VOC12-Aug per-class IoU", "seg_voc12aug_per_class.png"))
+    for protocol, title in (("seg_voc12aug_fcn", "VOC12-Aug"), ("seg_cityscapes_fcn", "Cityscapes")):
+        if plot_per_class(rows, protocol, "IoU (%)", assets / f"{protocol}_per_class.png"):
+            figures.append((f"{title} per-class IoU", f"{protocol}_per_class.png"))
     if figures:
         parts += ["## Figures", ""]
         for title, name in figures:
