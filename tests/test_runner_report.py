@@ -194,3 +194,13 @@ def test_report_draws_per_class_bars_from_record_extras(fakes, checkpoint, tmp_p
     assert (tmp_path / "res" / "report_files" / "svm_voc07_per_class.png").stat().st_size > 0
     record = next(r for r in store.load_records(tmp_path / "res") if r["protocol"] == "svm_voc07")
     assert report.per_class_values(record) == {"cat": 60.0, "dog": 30.0}
+
+
+def test_plan_estimates_cost_from_earlier_records(fakes, checkpoint, tmp_path, capsys):
+    assert set(runner.TYPICAL_TINY_S) == set(runner.PROTOCOL_ORDER)
+    assert evaluate(checkpoint, tmp_path) == 0
+    first = capsys.readouterr().out
+    assert "est. unknown (no earlier run here" in first
+    assert evaluate(checkpoint, tmp_path, "--seed", "1") == 0
+    second = capsys.readouterr().out
+    assert "(median of 1 earlier run(s))" in second
