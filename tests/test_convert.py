@@ -11,6 +11,7 @@ import torchvision
 from densebench.cli import main as cli_main
 from densebench.evaluate.checkpoint import load_backbone_state_dict
 from densebench.evaluate.convert import detectron2_key, to_detectron2, to_mmdet, to_torchvision
+from test_checkpoint import reference_detectron2_name
 
 
 @pytest.fixture(scope="module")
@@ -32,17 +33,6 @@ def source(tmp_path_factory):
                "module.queue": torch.randn(8, 16)})
     torch.save({"epoch": 200, "arch": "resnet18", "state_dict": sd}, path)
     return path, backbone
-
-
-def reference_detectron2_name(key: str) -> str:
-    """PROTOCOLS.md 1.7 renaming, written as the reference script's chain of string replacements."""
-    if "layer" not in key:
-        key = "stem." + key
-    for t in (1, 2, 3, 4):
-        key = key.replace(f"layer{t}", f"res{t + 1}")
-    for t in (1, 2, 3):
-        key = key.replace(f"bn{t}", f"conv{t}.norm")
-    return key.replace("downsample.0", "shortcut").replace("downsample.1", "shortcut.norm")
 
 
 def _assert_identical(state, backbone):
