@@ -4,15 +4,18 @@ Same batch, same threads, same backbone, same weights and queues, measured in on
 prints the time per step of each and the ratio (MMPreTrain time / ours). MMPreTrain runs as
 its published config does (fp32, NCHW); ours runs with its defaults for the device (bf16
 autocast + channels_last on CUDA; on CPU fp32, channels_last as --channels-last says).
-Without mmpretrain importable, only our timings are printed (and the NCHW vs channels_last
-ratio of our own step).
+Without mmpretrain importable, only our timings are printed (and the ratio against our own
+step in plain fp32 NCHW). `--compile both` (the default on CUDA) times ours eager and ours with
+torch.compile'd encoders (PretrainConfig.compile) side by side; the compile warm-up is reported
+apart and excluded from the timings.
 
     OMP_NUM_THREADS=2 python benchmarks/pretrain_step.py --arch resnet50 --size 224 --batch 32
-    PYTHONPATH=/tmp/mmpt python benchmarks/pretrain_step.py --device cuda --arch resnet50 --batch 64
+    PYTHONPATH=/tmp/mmpt python benchmarks/pretrain_step.py --device cuda --arch resnet50 --batch 64 --compile both
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import time
@@ -62,6 +65,18 @@ def our_step_fn(model, optimizer, im_q, im_k, perm, bf16, channels_last):
     return step
 
 
+def compile_warmed(step, device: torch.device, calls: int = 3):
+    """Run the compiled step until both encoders' graphs (query forward + backward, key
+    no-grad forward) are built, so that compilation never falls into the timed iterations;
+    prints how long that took."""
+    start = time.perf_counter()
+    for _ in range(calls):
+        step()
+    sync(device)
+    print(f"torch.compile warm-up ({calls} steps): {time.perf_counter() - start:.1f} s (not timed)")
+    return step
+
+
 def their_step_fn(theirs, optimizer, im_q, im_k, perm):
     from densebench.pretrain.mmpretrain_reference import mmpretrain_losses
 
@@ -86,6 +101,9 @@ def main() -> int:
     parser.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto",
                         help="ours: auto = on with CUDA, off on CPU")
     parser.add_argument("--bf16", choices=("auto", "on", "off"), default="auto", help="ours: auto = on with CUDA")
+    parser.add_argument("--compile", choices=("auto", "on", "off", "both"), default="auto",
+                        help="ours with torch.compile'd encoders: both = time eager and compiled; "
+                             "auto = both with CUDA, off on CPU")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -117,8 +135,18 @@ def main() -> int:
     our_model = ours
     if channels_last:
         our_model = ours.to(memory_format=torch.channels_last)
-    our_opt = torch.optim.SGD(ours.query_parameters(), lr=0.03, momentum=0.9, weight_decay=1e-4)
-    steps = [our_step_fn(our_model, our_opt, im_q, im_k, perm, bf16, channels_last)]
+    compile_mode = ("both" if on_cuda else "off") if args.compile == "auto" else args.compile
+    variants = {"off": [False], "on": [True], "both": [False, True]}[compile_mode]
+    steps, labels = [], []
+    for use_compile in variants:
+        model = copy.deepcopy(our_model) if len(variants) > 1 and use_compile else our_model
+        optimizer = torch.optim.SGD(model.query_parameters(), lr=0.03, momentum=0.9, weight_decay=1e-4)
+        step = our_step_fn(model, optimizer, im_q, im_k, perm, bf16, channels_last)
+        if use_compile:
+            model.compile_encoders()
+            step = compile_warmed(step, device)
+        steps.append(step)
+        labels.append(f"ours (bf16={bf16}, channels_last={channels_last}, compile={use_compile})")
     if theirs is not None:
         their_params = [p for p in theirs.parameters() if p.requires_grad]
         their_opt = torch.optim.SGD(their_params, lr=0.03, momentum=0.9, weight_decay=1e-4)
@@ -131,11 +159,12 @@ def main() -> int:
         plain_opt = torch.optim.SGD(plain.query_parameters(), lr=0.03, momentum=0.9, weight_decay=1e-4)
         steps.append(our_step_fn(plain, plain_opt, im_q, im_k, perm, False, False))
         baseline = "ours fp32 NCHW"
-    t_ours, t_base = time_interleaved(steps, device, args.warmup, args.iters)
-    label = f"ours (bf16={bf16}, channels_last={channels_last})"
-    print(f"{label:48s} {t_ours * 1000:9.1f} ms/step  {args.batch / t_ours:8.1f} pairs/s")
-    print(f"{baseline:48s} {t_base * 1000:9.1f} ms/step  {args.batch / t_base:8.1f} pairs/s")
-    print(f"ratio {baseline.split(' (')[0]} / ours: {t_base / t_ours:.2f}x")
+    *t_ours, t_base = time_interleaved(steps, device, args.warmup, args.iters)
+    for label, seconds in zip(labels, t_ours):
+        print(f"{label:64s} {seconds * 1000:9.1f} ms/step  {args.batch / seconds:8.1f} pairs/s")
+    print(f"{baseline:64s} {t_base * 1000:9.1f} ms/step  {args.batch / t_base:8.1f} pairs/s")
+    for label, seconds in zip(labels, t_ours):
+        print(f"ratio {baseline.split(' (')[0]} / {label}: {t_base / seconds:.2f}x")
     return 0
 
 

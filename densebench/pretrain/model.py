@@ -241,6 +241,19 @@ class DenseCL(nn.Module):
         self.register_buffer("queue2", F.normalize(torch.randn(feat_dim, queue_len), dim=0))
         self.register_buffer("queue2_ptr", torch.zeros(1, dtype=torch.long))
 
+    def compile_encoders(self, **compile_kwargs) -> None:
+        """torch.compile the static part of the step: both encoders' backbone and neck.
+
+        Uses `nn.Module.compile` (in place: the module's own `__call__` is compiled, nothing is
+        wrapped), so the state-dict keys stay `backbone.*`, `neck.*`, ... with no `_orig_mod.`
+        prefix, the optimizer and the momentum update keep working on the real parameters, and
+        a DDP wrapper around this model sees the same parameters and hooks. The queue, shuffle-BN
+        gathers, correspondence and enqueue stay eager (data-dependent / collective). Ghost-BN
+        group counts are python attributes; dynamo guards on them (a changed count recompiles).
+        """
+        for module in (self.backbone, self.neck, self.backbone_k, self.neck_k):
+            module.compile(**compile_kwargs)
+
     def query_parameters(self):
         return list(self.backbone.parameters()) + list(self.neck.parameters())
 

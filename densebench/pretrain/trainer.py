@@ -42,7 +42,7 @@ CHECKPOINT_KIND = {"kind": "densecl_pretrain", "version": 1}
 LOG_NAME = "log.jsonl"
 LATEST_NAME = "latest"
 # fields that may differ between a run and its resumption without changing the trajectory
-RESUME_FREE_FIELDS = ("workers", "checkpoint_interval", "keep_epoch_interval")
+RESUME_FREE_FIELDS = ("workers", "checkpoint_interval", "keep_epoch_interval", "compile")
 
 
 @dataclass
@@ -76,6 +76,9 @@ class PretrainConfig:
     seed: int = 0
     bf16: Optional[bool] = None            # bf16 autocast; None: on with CUDA, off on CPU (reference: fp32)
     channels_last: Optional[bool] = None   # None: on with CUDA
+    # torch.compile of both encoders' backbone + neck (queue / shuffle / enqueue stay eager);
+    # None: on with CUDA, off on CPU. Speed only; free to change on resume.
+    compile: Optional[bool] = None
     workers: int = 8                       # loader processes per rank
     checkpoint_interval: int = 1000        # iterations between checkpoints (plus one at every epoch end)
     keep_epoch_interval: int = 10          # epoch checkpoints kept every N epochs (reference interval, 1.6)
@@ -316,6 +319,11 @@ def resolve_device_flags(cfg: PretrainConfig, device: torch.device) -> Tuple[boo
     return bf16, channels_last
 
 
+def resolve_compile(cfg: PretrainConfig, device: torch.device) -> bool:
+    """`compile` None means on with CUDA, off on CPU (inductor's CPU build is slow to warm up)."""
+    return device.type == "cuda" if cfg.compile is None else bool(cfg.compile)
+
+
 def check_sizes(cfg: PretrainConfig, num_samples: int, data_hint: Optional[Path]) -> Tuple[int, int]:
     """(per-rank batch, ghost-BN groups per process); the sizes must divide evenly."""
     world = dist_utils.world_size()
@@ -344,6 +352,7 @@ def train(cfg: PretrainConfig, image_paths: Sequence[Path], work_dir: "str | Pat
     steps_per_epoch = len(image_paths) // cfg.batch_size
     total_iters = cfg.epochs * steps_per_epoch
     bf16, channels_last = resolve_device_flags(cfg, device)
+    use_compile = resolve_compile(cfg, device)
     main_process = dist_utils.is_main()
 
     seed_everything(cfg.seed)
@@ -378,7 +387,8 @@ def train(cfg: PretrainConfig, image_paths: Sequence[Path], work_dir: "str | Pat
         write_json_atomic(work_dir / "config.json", {
             "config": config_dict(cfg), "preset": preset_label, "world_size": dist_utils.world_size(),
             "per_rank_batch": per_rank, "ghost_bn_groups_per_process": ghost_groups,
-            "bf16": bf16, "channels_last": channels_last, "device": dist_utils.device_description(device),
+            "bf16": bf16, "channels_last": channels_last, "compile": use_compile,
+            "device": dist_utils.device_description(device),
             "num_images": len(image_paths), "steps_per_epoch": steps_per_epoch, "total_iters": total_iters,
             **extra})
         truncate_log(work_dir / LOG_NAME, start_iter) if resume else (work_dir / LOG_NAME).unlink(missing_ok=True)
@@ -395,6 +405,10 @@ def train(cfg: PretrainConfig, image_paths: Sequence[Path], work_dir: "str | Pat
                 model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
     else:
         net = model
+    if use_compile:
+        # in place on the encoder submodules, after DDP wrapping: DDP's forward and the
+        # collectives / queue logic stay eager; the state dict keeps its names
+        model.compile_encoders()
     net.train()
 
     sampler = ResumableBatchSampler(len(image_paths), cfg.batch_size, cfg.epochs, cfg.seed, start_iter,
