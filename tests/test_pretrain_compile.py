@@ -112,6 +112,7 @@ def test_trainer_compile_option_records_it_and_keeps_checkpoint_keys(tmp_path, m
     for name, reference in eager_state.items():
         assert torch.allclose(compiled_state[name].float(), reference.float(), atol=1e-4), name
     assert compiled_log["loss"] == pytest.approx(eager_log["loss"], abs=1e-4)
-    # the defaults: eager on CPU, compiled on CUDA
-    assert resolve_compile(PretrainConfig(), torch.device("cpu")) is False
-    assert resolve_compile(PretrainConfig(), torch.device("cuda")) is True
+    # the default is eager (no measured gain on GPU); None means "on with CUDA"
+    assert resolve_compile(PretrainConfig(), torch.device("cuda")) is False
+    assert resolve_compile(PretrainConfig(compile=None), torch.device("cpu")) is False
+    assert resolve_compile(PretrainConfig(compile=None), torch.device("cuda")) is True
