@@ -29,3 +29,13 @@ def synth_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("synth")
     generate(root, scale="tiny", seed=0)
     return root
+
+
+@pytest.fixture(scope="session")
+def resnet18_checkpoint(tmp_path_factory) -> Path:
+    """A seeded random-init ResNet-18 saved as a torchvision-format checkpoint (the run_all baseline)."""
+    from densebench.evaluate.random_init import random_init_state_dict
+
+    path = tmp_path_factory.mktemp("ckpt") / "resnet18.pth"
+    torch.save(random_init_state_dict("resnet18", 0), path)
+    return path

@@ -6,21 +6,12 @@ import json
 import numpy as np
 import pytest
 import torch
-import torchvision
 
 from densebench.config import make_config
 from densebench.evaluate.context import RunContext
 from densebench.protocols import det_coco_maskrcnn_fpn, det_voc0712_c4
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def resnet18_checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("det_ckpt") / "resnet18.pth"
-    torch.save(torchvision.models.resnet18().state_dict(), path)
-    return path
 
 
 def _context(checkpoint, synth_root, work_dir):

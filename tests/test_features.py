@@ -16,14 +16,6 @@ from densebench.evaluate.context import RunContext
 from densebench.evaluate.features import GAP, extract_features, knn_preprocess, voc_preprocess
 
 
-@pytest.fixture(scope="module")
-def r18_checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "resnet18.pth"
-    torch.save(torchvision.models.resnet18().state_dict(), path)
-    return path
-
-
 def make_ctx(tmp_path, checkpoint, data_root, save=None):
     return RunContext(checkpoint=checkpoint, data_root=data_root, work_dir=tmp_path / "work",
                       cache_dir=tmp_path / "cache", arch="resnet18", show_progress=False,
@@ -45,11 +37,11 @@ def test_voc_transform_squashes_without_crop(realdata):
     assert torch.allclose(squashed, (direct - mean) / std, atol=0.1)
 
 
-def test_extract_matches_direct_forward_and_caches(tmp_path, synth_root, r18_checkpoint, monkeypatch):
+def test_extract_matches_direct_forward_and_caches(tmp_path, synth_root, resnet18_checkpoint, monkeypatch):
     root = voc07_root(synth_root)
     ids, labels = read_voc_cls_labels(root, "test")
     paths = [voc_image_path(root, i) for i in ids[:6]]
-    ctx = make_ctx(tmp_path, r18_checkpoint, synth_root, save=None)
+    ctx = make_ctx(tmp_path, resnet18_checkpoint, synth_root, save=None)
     prep = voc_preprocess(128, 112)
     feats = extract_features(ctx, "voc07", "test", paths, ["feat2", "feat3", GAP], prep, batch_size=4)
     model, _ = ctx.backbone()

@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from densebench.evaluate.random_init import random_init_state_dict
 from densebench.protocols import linear_probe as lp
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -73,24 +72,17 @@ def subprocess_env():
     return env
 
 
-@pytest.fixture(scope="module")
-def resnet18_ckpt(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("ckpt") / "random_r18.pth"
-    torch.save(random_init_state_dict("resnet18", 0), path)
-    return path
-
-
 @pytest.mark.slow
-def test_two_gloo_ranks_match_one_process(synth_root, resnet18_ckpt, tmp_path):
+def test_two_gloo_ranks_match_one_process(synth_root, resnet18_checkpoint, tmp_path):
     script = tmp_path / "steps.py"
     script.write_text(STEPS_SCRIPT)
     single, double = tmp_path / "one" / "out.pt", tmp_path / "two" / "out.pt"
     single.parent.mkdir()
     double.parent.mkdir()
-    subprocess.run([sys.executable, str(script), str(resnet18_ckpt), str(synth_root), str(single)],
+    subprocess.run([sys.executable, str(script), str(resnet18_checkpoint), str(synth_root), str(single)],
                    check=True, env=subprocess_env(), timeout=300)
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
-                    "--nproc_per_node=2", str(script), str(resnet18_ckpt), str(synth_root), str(double)],
+                    "--nproc_per_node=2", str(script), str(resnet18_checkpoint), str(synth_root), str(double)],
                    check=True, env=subprocess_env(), timeout=300)
     one = torch.load(single, weights_only=True)
     two = torch.load(double, weights_only=True)
@@ -109,12 +101,12 @@ def test_two_gloo_ranks_match_one_process(synth_root, resnet18_ckpt, tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_after_sigkill_reproduces_the_uninterrupted_run(synth_root, resnet18_ckpt, tmp_path):
+def test_resume_after_sigkill_reproduces_the_uninterrupted_run(synth_root, resnet18_checkpoint, tmp_path):
     script = tmp_path / "run.py"
     script.write_text(RUN_SCRIPT)
 
     def command(work: Path, out: Path):
-        return [sys.executable, str(script), str(resnet18_ckpt), str(synth_root), str(work), str(out)]
+        return [sys.executable, str(script), str(resnet18_checkpoint), str(synth_root), str(work), str(out)]
 
     whole_work, whole_out = tmp_path / "whole", tmp_path / "whole.json"
     subprocess.run(command(whole_work, whole_out), check=True, env=subprocess_env(), timeout=300)

@@ -15,7 +15,6 @@ import torch
 from densebench.config import make_config
 from densebench.errors import InputError
 from densebench.evaluate.context import RunContext
-from densebench.evaluate.random_init import random_init_state_dict
 from densebench.protocols import linear_probe as lp
 
 # protocol -> (classes in the tiny synthetic data, heads)
@@ -25,13 +24,6 @@ CASES = {
     "linear_places205_mhead": (8, lp.LAYERS),
     "linear_inat18_mhead": (8, lp.LAYERS),
 }
-
-
-@pytest.fixture(scope="module")
-def resnet18_ckpt(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("ckpt") / "random_r18.pth"
-    torch.save(random_init_state_dict("resnet18", 0), path)
-    return path
 
 
 def make_ctx(ckpt: Path, data_root: Path, work_dir: Path) -> RunContext:
@@ -60,9 +52,9 @@ def check_output(output, cfg, classes, heads):
 
 
 @pytest.mark.parametrize("name", ["linear_imagenet_mhead", "linear_imagenet"])
-def test_imagenet_probes_beat_chance(name, synth_root, resnet18_ckpt, tmp_path):
+def test_imagenet_probes_beat_chance(name, synth_root, resnet18_checkpoint, tmp_path):
     classes, heads = CASES[name]
-    cfg, output = run_tiny(name, resnet18_ckpt, synth_root, tmp_path)
+    cfg, output = run_tiny(name, resnet18_checkpoint, synth_root, tmp_path)
     best, chance = check_output(output, cfg, classes, heads)
     assert best >= 3 * chance, output.metrics
     assert (tmp_path / lp.STATE_FILE).is_file()
@@ -72,31 +64,31 @@ def test_imagenet_probes_beat_chance(name, synth_root, resnet18_ckpt, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["linear_places205_mhead", "linear_inat18_mhead"])
-def test_places_and_inat_probes_beat_chance(name, synth_root, resnet18_ckpt, tmp_path):
+def test_places_and_inat_probes_beat_chance(name, synth_root, resnet18_checkpoint, tmp_path):
     classes, heads = CASES[name]
-    cfg, output = run_tiny(name, resnet18_ckpt, synth_root, tmp_path)
+    cfg, output = run_tiny(name, resnet18_checkpoint, synth_root, tmp_path)
     best, chance = check_output(output, cfg, classes, heads)
     # Places labels are background kind + palette (weak for random features); iNat is object-dominated
     assert best >= (1.5 if name == "linear_places205_mhead" else 3) * chance, output.metrics
 
 
-def test_fast_mode_trains_on_cached_features_and_says_so(synth_root, resnet18_ckpt, tmp_path):
-    cfg, output = run_tiny("linear_imagenet_mhead", resnet18_ckpt, synth_root, tmp_path, fast=True)
+def test_fast_mode_trains_on_cached_features_and_says_so(synth_root, resnet18_checkpoint, tmp_path):
+    cfg, output = run_tiny("linear_imagenet_mhead", resnet18_checkpoint, synth_root, tmp_path, fast=True)
     best, chance = check_output(output, cfg, 10, lp.LAYERS)
     assert best >= 3 * chance
     assert "not_comparable" in output.extra and output.extra["augmentation"] is None
 
 
-def test_labels_beyond_num_classes_name_the_list_file(synth_root, resnet18_ckpt, tmp_path):
+def test_labels_beyond_num_classes_name_the_list_file(synth_root, resnet18_checkpoint, tmp_path):
     with pytest.raises(InputError) as err:
-        run_tiny("linear_imagenet_mhead", resnet18_ckpt, synth_root, tmp_path, num_classes=5)
+        run_tiny("linear_imagenet_mhead", resnet18_checkpoint, synth_root, tmp_path, num_classes=5)
     assert err.value.path.endswith("train.txt") and "num_classes=5" in err.value.problem
 
 
-def test_missing_list_is_an_input_error(synth_root, resnet18_ckpt, tmp_path):
+def test_missing_list_is_an_input_error(synth_root, resnet18_checkpoint, tmp_path):
     root = tmp_path / "data"
     shutil.copytree(synth_root / "Places205", root / "Places205")
     (root / "Places205" / "trainvalsplit_places205" / "val_places205.csv").unlink()
     with pytest.raises(InputError) as err:
-        run_tiny("linear_places205_mhead", resnet18_ckpt, root, tmp_path / "work")
+        run_tiny("linear_places205_mhead", resnet18_checkpoint, root, tmp_path / "work")
     assert "val_places205.csv" in str(err.value)

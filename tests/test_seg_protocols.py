@@ -7,21 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-import torchvision
 
 from densebench.config import make_config
 from densebench.evaluate.context import RunContext
 from densebench.protocols import seg_cityscapes_fcn, seg_voc12aug_fcn, segmentation
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def r18_checkpoint(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("seg_ckpt") / "resnet18.pth"
-    torch.save(torchvision.models.resnet18().state_dict(), path)
-    return path
 
 
 def _context(ckpt: Path, root: Path, work: Path) -> RunContext:
@@ -41,14 +32,14 @@ def _check_output(metrics, extra, class_names, iterations):
     json.dumps(extra, allow_nan=False)                # nothing that JSON cannot hold
 
 
-def test_voc12aug_tiny_through_the_cli_writes_a_record(synth_root, r18_checkpoint, tmp_path):
+def test_voc12aug_tiny_through_the_cli_writes_a_record(synth_root, resnet18_checkpoint, tmp_path):
     from densebench.cli import main
     from densebench.data.voc import VOC_CLASSES
 
     cfg, label = make_config(seg_voc12aug_fcn.Config, seg_voc12aug_fcn.NAME, "tiny")
     assert label == "tiny" and cfg.test_mode == "whole" and not cfg.align_corners
     out = tmp_path / "results"
-    code = main(["evaluate", str(r18_checkpoint), "--data-root", str(synth_root), "--protocols", "seg_voc12aug_fcn",
+    code = main(["evaluate", str(resnet18_checkpoint), "--data-root", str(synth_root), "--protocols", "seg_voc12aug_fcn",
                  "--preset", "tiny", "--arch", "resnet18", "--out", str(out)])
     assert code == 0
     records = list((out / "records").rglob("*.json"))
@@ -62,7 +53,7 @@ def test_voc12aug_tiny_through_the_cli_writes_a_record(synth_root, r18_checkpoin
     assert list((out / "work").rglob(segmentation.STATE_FILE))
 
 
-def test_cityscapes_tiny_runs_the_slide_path(synth_root, r18_checkpoint, tmp_path, monkeypatch):
+def test_cityscapes_tiny_runs_the_slide_path(synth_root, resnet18_checkpoint, tmp_path, monkeypatch):
     from densebench.data.cityscapes import CITYSCAPES_CLASSES
 
     cfg, _ = make_config(seg_cityscapes_fcn.Config, seg_cityscapes_fcn.NAME, "tiny")
@@ -75,16 +66,16 @@ def test_cityscapes_tiny_runs_the_slide_path(synth_root, r18_checkpoint, tmp_pat
         return real_slide(encode, image, *args, **kwargs)
 
     monkeypatch.setattr(segmentation, "slide_logits", counting_slide)
-    out = seg_cityscapes_fcn.run(_context(r18_checkpoint, synth_root, tmp_path), cfg)
+    out = seg_cityscapes_fcn.run(_context(resnet18_checkpoint, synth_root, tmp_path), cfg)
     _check_output(out.metrics, out.extra, CITYSCAPES_CLASSES, cfg.iterations)
     assert windows and min(windows) > 1                # the window is smaller than the test image
 
 
-def test_interrupted_run_resumes_exactly(synth_root, r18_checkpoint, tmp_path, monkeypatch):
+def test_interrupted_run_resumes_exactly(synth_root, resnet18_checkpoint, tmp_path, monkeypatch):
     overrides = {"iterations": 4, "eval_interval": 2, "checkpoint_interval": 2, "batch_size": 2,
                  "crop_size": [48, 48], "train_scale": [96, 72], "test_scale": [64, 48]}
     cfg, _ = make_config(seg_voc12aug_fcn.Config, seg_voc12aug_fcn.NAME, "tiny", overrides)
-    straight = seg_voc12aug_fcn.run(_context(r18_checkpoint, synth_root, tmp_path / "a"), cfg)
+    straight = seg_voc12aug_fcn.run(_context(resnet18_checkpoint, synth_root, tmp_path / "a"), cfg)
     assert [h["iteration"] for h in straight.extra["history"]] == [2, 4]
 
     real_loss, calls = segmentation.fcn_loss, []
@@ -97,11 +88,11 @@ def test_interrupted_run_resumes_exactly(synth_root, r18_checkpoint, tmp_path, m
 
     monkeypatch.setattr(segmentation, "fcn_loss", failing_loss)
     with pytest.raises(KeyboardInterrupt):
-        seg_voc12aug_fcn.run(_context(r18_checkpoint, synth_root, tmp_path / "b"), cfg)
+        seg_voc12aug_fcn.run(_context(resnet18_checkpoint, synth_root, tmp_path / "b"), cfg)
     monkeypatch.setattr(segmentation, "fcn_loss", real_loss)
     state = torch.load(tmp_path / "b" / segmentation.STATE_FILE, weights_only=True)
     assert state["iteration"] == 2
-    resumed = seg_voc12aug_fcn.run(_context(r18_checkpoint, synth_root, tmp_path / "b"), cfg)
+    resumed = seg_voc12aug_fcn.run(_context(resnet18_checkpoint, synth_root, tmp_path / "b"), cfg)
     assert resumed.extra["resumed_from"] == 2
     assert resumed.metrics == straight.metrics and resumed.extra["history"] == straight.extra["history"]
     final_a = torch.load(tmp_path / "a" / segmentation.STATE_FILE, weights_only=True)["model"]
@@ -109,5 +100,5 @@ def test_interrupted_run_resumes_exactly(synth_root, r18_checkpoint, tmp_path, m
     for key in final_a:
         torch.testing.assert_close(final_b[key], final_a[key], rtol=0, atol=0, msg=key)
     # a finished run only reports: no training
-    again = seg_voc12aug_fcn.run(_context(r18_checkpoint, synth_root, tmp_path / "b"), cfg)
+    again = seg_voc12aug_fcn.run(_context(resnet18_checkpoint, synth_root, tmp_path / "b"), cfg)
     assert again.metrics == straight.metrics and again.extra["resumed_from"] == 4

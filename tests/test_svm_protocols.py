@@ -6,8 +6,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
-import torchvision
 
 from densebench.evaluate.context import RunContext
 from densebench.protocols import knn_imagenet, lowshot_svm_voc07, svm_voc07
@@ -17,22 +15,14 @@ from densebench.protocols.voc_svm_common import (SolverOptions, aggregate_lowsho
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def r18_checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "resnet18.pth"
-    torch.save(torchvision.models.resnet18().state_dict(), path)
-    return path
-
-
 def make_ctx(tmp_path, checkpoint, data_root):
     return RunContext(checkpoint=checkpoint, data_root=data_root, work_dir=tmp_path / "work",
                       cache_dir=tmp_path / "cache", arch="resnet18", show_progress=False,
                       save_features_dir=tmp_path / "saved")
 
 
-def test_svm_and_lowshot_on_synthetic(tmp_path, synth_root, r18_checkpoint, monkeypatch):
-    ctx = make_ctx(tmp_path, r18_checkpoint, synth_root)
+def test_svm_and_lowshot_on_synthetic(tmp_path, synth_root, resnet18_checkpoint, monkeypatch):
+    ctx = make_ctx(tmp_path, resnet18_checkpoint, synth_root)
     cfg = svm_voc07.Config(layers=("feat2", "feat3"), resize_short=128, image_size=112, batch_size=50)
     out = svm_voc07.run(ctx, cfg)
     saved = ctx.save_features_dir
@@ -65,8 +55,8 @@ def test_svm_and_lowshot_on_synthetic(tmp_path, synth_root, r18_checkpoint, monk
     assert lowshot_svm_voc07.run(ctx, low_cfg).metrics == low.metrics
 
 
-def test_knn_on_synthetic(tmp_path, synth_root, r18_checkpoint):
-    ctx = make_ctx(tmp_path, r18_checkpoint, synth_root)
+def test_knn_on_synthetic(tmp_path, synth_root, resnet18_checkpoint):
+    ctx = make_ctx(tmp_path, resnet18_checkpoint, synth_root)
     cfg = knn_imagenet.Config(resize_short=73, image_size=64, batch_size=64, query_chunk=7, bank_chunk=33)
     out = knn_imagenet.run(ctx, cfg)
     assert set(out.metrics) == {"k10", "k20", "k100", "k200"}
