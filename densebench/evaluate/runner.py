@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 import numpy as np
 import torch
@@ -91,13 +91,10 @@ TYPICAL_TINY_S = {
 }
 
 
-def estimate(results_dir: Path, protocol: str, preset: str) -> str:
+def estimate(earlier: List[Dict[str, Any]], protocol: str, preset: str) -> str:
     """Cost estimate: earlier records of the same protocol and preset in this results dir, else
     the typical tiny cost, else unknown (paper-scale runs take GPU-hours to GPU-days)."""
-    folder = results_dir / "records"
-    walls = []
-    if folder.is_dir():
-        walls = [r["wall_s"] for r in load_records(results_dir) if r["protocol"] == protocol and r["preset"] == preset]
+    walls = [r["wall_s"] for r in earlier if r["protocol"] == protocol and r["preset"] == preset]
     if walls:
         return f"~{statistics.median(walls):.0f} s (median of {len(walls)} earlier run(s))"
     if preset == "tiny":
@@ -123,13 +120,14 @@ def print_plan(cells: List[Cell], info: CheckpointInfo, results_dir: Path, prese
     print(f"checkpoint: {info.path} ({info.format}, {info.arch}, sha256 {info.sha256[:12]})")
     print(f"results:    {results_dir}")
     width = max(len(c.protocol) for c in cells)
+    earlier = load_records(results_dir) if (results_dir / "records").is_dir() else []
     for cell in cells:
         if cell.done:
             status = "done (record exists; --force to redo)"
         elif cell.missing_data:
             status = "skip: " + "; ".join(cell.missing_data)
         else:
-            status = f"run [{cell.preset_label}] est. {estimate(results_dir, cell.protocol, preset)}"
+            status = f"run [{cell.preset_label}] est. {estimate(earlier, cell.protocol, preset)}"
         print(f"  {cell.protocol:<{width}}  {status}")
 
 
