@@ -15,7 +15,6 @@ import argparse
 import random
 import time
 
-import numpy as np
 import torch
 
 from densebench.protocols.voc_svm_common import (REFERENCE_COSTS, SolverOptions, aggregate_lowshot, full_svm_sweep,
