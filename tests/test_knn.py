@@ -1,7 +1,6 @@
 """kNN: chunked top-k voting equals a dense reference; clipping, small query counts, accuracy."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
