@@ -8,10 +8,12 @@ import pytest
 import torch
 from sklearn.metrics import average_precision_score
 
-from densebench.protocols.svm_solver import SVMProblems, fit_svms, fit_svms_sklearn, l2_normalize
+from densebench.protocols.svm_solver import (RowBasis, SVMProblems, fit_svms, fit_svms_sklearn, gram_matrix,
+                                             l2_normalize, symmetric_eigh)
 from densebench.protocols.voc_svm_common import (REFERENCE_COSTS, SolverOptions, aggregate_lowshot,
-                                                 batched_envelope_ap, batched_ranking_ap, class_ap_on_test,
-                                                 full_svm_sweep, group_bases, lowshot_fit_and_test, lowshot_groups,
+                                                 batched_envelope_ap, batched_ranking_ap, cheaper_lowshot_route,
+                                                 class_ap_on_test, full_svm_sweep, group_bases, lowshot_fit_and_test,
+                                                 lowshot_groups,
                                                  lowshot_rng, ranking_ap, sample_lowshot_targets,
                                                  synthetic_voc_features, voc_envelope_ap)
 
@@ -211,6 +213,70 @@ def test_torch_pipelines_options_agree():
     assert abs(aggregate_lowshot(a, costs)["mAP"] - aggregate_lowshot(b, costs)["mAP"]) <= 0.1
     union = lowshot_fit_and_test(train_x, samples, test_x, test_t, costs, SolverOptions(backend="sklearn"))
     assert abs(aggregate_lowshot(one, costs)["mAP"] - aggregate_lowshot(union, costs)["mAP"]) <= 0.1
+
+
+def test_cpu_linear_algebra_routes_match_torch():
+    """gram_matrix (numpy syrk on CPU) and symmetric_eigh (scipy for n >= 256) equal torch's results."""
+    rng = np.random.default_rng(9)
+    x = torch.as_tensor(rng.random((300, 40)))
+    np.testing.assert_allclose(gram_matrix(x).numpy(), (x @ x.T).numpy(), rtol=1e-12, atol=1e-12)
+    a = torch.as_tensor(rng.normal(size=(2, 300, 300)))
+    a = a @ a.transpose(1, 2)
+    evals, evecs = symmetric_eigh(a)
+    ref_evals, _ = torch.linalg.eigh(a)
+    np.testing.assert_allclose(evals.numpy(), ref_evals.numpy(), atol=1e-12 * float(ref_evals.max()))
+    rebuilt = evecs @ torch.diag_embed(evals) @ evecs.transpose(1, 2)
+    np.testing.assert_allclose(rebuilt.numpy(), a.numpy(), atol=1e-9 * float(a.abs().max()))
+
+
+@pytest.mark.parametrize("rows,dim", [(60, 200), (200, 30)])     # Gram route and covariance route
+def test_row_basis_is_orthonormal_and_maps_back(rows, dim):
+    rng = np.random.default_rng(10)
+    x = l2_normalize(rng.random((rows, dim)))
+    basis = RowBasis.build(x)
+    xt = torch.as_tensor(np.c_[x, np.ones(rows)])
+    w_z = torch.as_tensor(rng.normal(size=(3, basis.z.shape[1])))
+    w = basis.weights(w_z)                                                  # (3, D + 1)
+    np.testing.assert_allclose((w @ xt.T).numpy(), (w_z @ basis.z.T).numpy(), atol=1e-9)   # same decisions
+    np.testing.assert_allclose(w.norm(dim=1).numpy(), w_z.norm(dim=1).numpy(), rtol=1e-9)  # isometry
+    if rows <= dim:
+        np.testing.assert_allclose(basis.row_coefficients(w_z) @ xt, w, atol=1e-12)
+    else:
+        with pytest.raises(ValueError, match="Gram route"):
+            basis.row_coefficients(w_z)
+
+
+def test_lowshot_union_route_equals_group_route_and_reuses_its_basis():
+    train_x, train_t, test_x, test_t = synthetic_voc_features(120, 80, 256, seed=11, signal=0.3)
+    train_x, test_x = l2_normalize(train_x), l2_normalize(test_x)
+    costs = REFERENCE_COSTS[::2]
+    samples = [sample_lowshot_targets(train_t, 2, random.Random(s)) for s in range(2)]
+    group = lowshot_fit_and_test(train_x, samples, test_x, test_t, costs, SolverOptions(lowshot_basis="group"),
+                                 normalized=True)
+    cache: dict = {}
+    union = lowshot_fit_and_test(train_x, samples, test_x, test_t, costs, SolverOptions(lowshot_basis="union"),
+                                 normalized=True, basis_cache=cache)
+    diff = np.abs(union - group)
+    assert (diff > 1e-6).mean() <= 0.01 and diff.max() <= 0.01       # near-tied test scores may swap
+    assert abs(aggregate_lowshot(union, costs)["mAP"] - aggregate_lowshot(group, costs)["mAP"]) <= 0.01
+    built = cache["basis"]
+    again = lowshot_fit_and_test(train_x, samples[:1], test_x, test_t, costs, SolverOptions(lowshot_basis="union",
+                                 chunk_bytes=1), normalized=True, basis_cache=cache)
+    assert cache["basis"] is built                                   # not rebuilt for the next call
+    np.testing.assert_allclose(again[0], union[0], atol=1e-6)
+    with pytest.raises(ValueError, match="lowshot_basis"):
+        lowshot_fit_and_test(train_x, samples, test_x, test_t, costs, SolverOptions(lowshot_basis="rows"))
+    with pytest.raises(ValueError, match="no more training rows"):
+        lowshot_fit_and_test(train_x[:, :50], samples, test_x[:, :50], test_t, costs,
+                             SolverOptions(lowshot_basis="union"))
+
+
+def test_lowshot_route_choice_on_voc07_sizes():
+    def route(k, ready=False):
+        return cheaper_lowshot_route(100, 20 * k, 5011, 8192, 19, ready)
+    assert [route(k) for k in (1, 8, 32, 96)] == ["group", "group", "group", "union"]
+    assert route(32, ready=True) == "union"
+    assert cheaper_lowshot_route(100, 1920, 9000, 512, 19, False) == "group"   # more rows than dims: no Gram route
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -113,6 +113,7 @@ def run_layer(ctx: RunContext, cfg: Config, layer: str, train_x, train_targets, 
     """{k: [state per sample]}; each state holds the (costs x classes) test APs of one sample."""
     key = _state_key(ctx, cfg)
     out: Dict[int, List[dict]] = {}
+    basis_cache: dict = {}            # the row-space basis of all training rows, built once for the large k
     for k in cfg.ks:
         states: Dict[int, dict] = {}
         pending, samples = [], []
@@ -124,7 +125,8 @@ def run_layer(ctx: RunContext, cfg: Config, layer: str, train_x, train_targets, 
             else:
                 states[s] = state
         if pending:
-            aps = lowshot_fit_and_test(train_x, samples, test_x, test_targets, cfg.costs, options, normalized=True)
+            aps = lowshot_fit_and_test(train_x, samples, test_x, test_targets, cfg.costs, options, normalized=True,
+                                       basis_cache=basis_cache)
             for s, sample, sample_aps in zip(pending, samples, aps):
                 state = {"key": key, "layer": layer, "k": k, "sample": s, "test_AP": sample_aps.tolist(),
                          "positives_per_class": (sample == 1).sum(axis=0).tolist()}

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from densebench.protocols.svm_solver import (LinearModels, RowBasis, SVMProblems, augment_intercept, fit_svms,
-                                             l2_normalize, solve_primal_newton)
+                                             l2_normalize, solve_primal_newton, symmetric_eigh)
 
 # "1.0,10.0,100.0" plus 0.5^n for n = 4..19, in this order (eval_svm_full.sh; svm_helper.parse_cost_list)
 REFERENCE_COSTS = (1.0, 10.0, 100.0) + tuple(0.5 ** n for n in range(4, 20))
@@ -155,6 +155,8 @@ class SolverOptions:
                                            # None: 512 MiB on CPU, 4 GiB on CUDA
     warm_start_above: float = 0.1          # torch: costs >= this are solved one by one, ascending, each
                                            # started from the previous cost's optimum (inf: all cold)
+    lowshot_basis: str = "auto"            # torch low-shot: "group" (a basis per (sample, class)), "union"
+                                           # (one basis of all training rows), "auto" (the cheaper)
 
     def fit(self, x: np.ndarray, labels, mask, costs, basis: Optional[RowBasis] = None) -> LinearModels:
         problems = SVMProblems(labels, mask, costs, self.pos_weight, self.neg_weight)
@@ -334,7 +336,7 @@ def _full_svm_sweep_torch(train_x, train_targets, test_x, test_targets, costs, n
     with _Timer(timings, "fit", device):
         refit_costs = torch.as_tensor(chosen, device=device, dtype=dtype)[:, None] * _weighted_costs(labels, options)
         w_z, _ = options.solve(basis.z, labels, refit_costs)
-        weights = (basis.transform @ w_z.T).T                                        # (C, D + 1)
+        weights = basis.weights(w_z)                                                 # (C, D + 1)
     with _Timer(timings, "score", device):
         test_aug = augment_intercept(torch.as_tensor(test_x, device=device).to(dtype))
         test_t = torch.as_tensor(test_targets, device=device)
@@ -371,19 +373,21 @@ def lowshot_rng(seed: int, sample_index: int, k: int) -> random.Random:
 def lowshot_fit_and_test(train_x: np.ndarray, samples: Sequence[np.ndarray], test_x: np.ndarray,
                          test_targets: np.ndarray, costs: Sequence[float] = REFERENCE_COSTS,
                          options: Optional[SolverOptions] = None, normalized: bool = False,
-                         timings: Optional[dict] = None) -> np.ndarray:
+                         timings: Optional[dict] = None, basis_cache: Optional[dict] = None) -> np.ndarray:
     """Test APs (len(samples), num_costs, num_classes) for low-shot target matrices.
 
     For each class of each sample: train on the rows whose label != -1 (0 becomes -1), no CV,
     every cost; test on the full test set without difficult rows. The sklearn backend fits one
-    problem at a time; the torch backend solves each (sample, class) group in the row space of
-    its own 20k rows (all groups and costs batched, see _lowshot_torch).
-    timings (a dict) receives the seconds spent in "fit" and "score".
+    problem at a time; the torch backend batches all groups and costs (see _lowshot_torch).
+    timings (a dict) receives the seconds spent in "fit" and "score". basis_cache: a dict the
+    caller keeps across calls over the same train_x (every k of one layer), so the row-space
+    basis of all training rows (the union route for large k) is built once.
     """
     options = options or SolverOptions()
     costs = np.asarray(costs, dtype=np.float64)
     if options.backend == "torch":
-        return _lowshot_torch(train_x, samples, test_x, test_targets, costs, options, timings, normalized)
+        return _lowshot_torch(train_x, samples, test_x, test_targets, costs, options, timings, normalized,
+                              basis_cache if basis_cache is not None else {})
     if not normalized:
         train_x, test_x = l2_normalize(train_x), l2_normalize(test_x)
     tic = time.perf_counter()
@@ -427,7 +431,7 @@ def group_bases(gram: torch.Tensor, rel_eps: float = 1e-10):
     """Orthonormal row-space coordinates per group from its Gram matrix (G, n, n) of augmented rows:
     z = U sqrt(L) (G, n, n), and the map back U / sqrt(L) with the null directions set to 0, so
     that a group's weights are w = x~_rows^T (map_back @ w_z)."""
-    evals, evecs = torch.linalg.eigh(gram)
+    evals, evecs = symmetric_eigh(gram)
     keep = evals > evals.amax(dim=1, keepdim=True).clamp(min=1e-300) * rel_eps
     root = torch.where(keep, evals.clamp(min=0).sqrt(), torch.zeros_like(evals))
     z = evecs * root[:, None, :]
@@ -440,23 +444,61 @@ def _torch_l2_normalize(x: torch.Tensor) -> torch.Tensor:
     return x / (x.norm(dim=1, keepdim=True) + 1e-5)
 
 
-def _lowshot_torch(train_x, samples, test_x, test_targets, costs, options: SolverOptions, timings,
-                   normalized: bool) -> np.ndarray:
-    """Low-shot sweep with one small row-space basis per (sample, class) group.
+def cheaper_lowshot_route(num_groups: int, width: int, num_rows: int, dim: int, num_costs: int,
+                          union_basis_ready: bool) -> str:
+    """"group" or "union", whichever the work estimate (in float32 multiply-adds) says is cheaper.
 
-    A problem trains on 20k rows, so its optimum lies in the span of those rows: the Gram matrix
-    of the group (n x n, n = 20k) gives coordinates of dimension <= n, shared by the group's 19
-    costs, instead of the union of all rows. Groups go through the solver together, in chunks
-    that bound memory (chunk_bytes); the weights are mapped back and the test set scored per chunk.
+    group: per (sample, class) a Gram (n^2 D in float64) and an eigendecomposition (n^3), then
+    products of n x n per problem. union: one basis of all N training rows (N^2 D + N^3, nothing
+    if already built for an earlier k), then products of n x N per problem. An eigendecomposition
+    costs about 15 n^3 multiply-adds of matrix-product time, and a problem needs about 35 pairs of
+    products (means measured on 5011 x 8192 features, CI machine). For 5 samples on VOC07-sized
+    data: group up to k = 32, union from k = 64 (from k = 32 once the basis exists).
+    """
+    if num_rows > dim + 1:                  # the union route needs the Gram form of the basis
+        return "group"
+    eigh, product_pairs = 15.0, 35.0
+    problems = num_groups * num_costs
+    group = num_groups * (eigh * width ** 3 + 4.0 * width ** 2 * dim) + 4.0 * product_pairs * problems * width ** 2
+    union = 0.0 if union_basis_ready else eigh * num_rows ** 3 + 2.0 * num_rows ** 2 * dim
+    union += 4.0 * product_pairs * problems * width * num_rows
+    return "union" if union < group else "group"
+
+
+def _lowshot_torch(train_x, samples, test_x, test_targets, costs, options: SolverOptions, timings,
+                   normalized: bool, basis_cache: dict) -> np.ndarray:
+    """Low-shot sweep, all (sample, class) groups and costs batched, in chunks that bound memory.
+
+    A problem trains on 20k rows, so its optimum lies in the span of those rows. Two ways to get
+    coordinates for it (options.lowshot_basis, "auto" = cheaper_lowshot_route):
+    * group: the Gram matrix of the group's rows (n x n, n = 20k) gives coordinates of dimension
+      <= n shared by the group's costs; cheap for small k.
+    * union: one basis of all training rows (RowBasis, kept in basis_cache for later calls); a
+      group's problems use the rows of it that they train on (n x N). For large k, where the
+      groups' eigendecompositions would cost more than one of all rows.
+    The weights are mapped back as coefficients over training rows and the test set scored per chunk.
     """
     device, dtype = torch.device(options.device), getattr(torch, options.dtype)
     score_dtype = getattr(torch, options.score_dtype)
     num_classes = test_targets.shape[1]
+    num_rows, dim = np.asarray(train_x).shape
     rows_np, valid_np, labels_np = lowshot_groups(samples)
     num_groups, width = rows_np.shape
     group_class = torch.as_tensor(np.tile(np.arange(num_classes), len(samples)), device=device)
-    used = np.unique(rows_np[valid_np])                      # only these training rows matter
-    rows_np = np.searchsorted(used, rows_np).clip(max=max(len(used) - 1, 0))   # indices into `used`
+    cache_key = (num_rows, dim, str(device), options.dtype, normalized)
+    basis_ready = basis_cache.get("key") == cache_key
+    route = options.lowshot_basis
+    if route == "auto":
+        route = cheaper_lowshot_route(num_groups, width, num_rows, dim, len(costs), basis_ready)
+    if route not in ("group", "union"):
+        raise ValueError(f"lowshot_basis must be auto, group or union, got {options.lowshot_basis!r}")
+    if route == "union" and num_rows > dim + 1:
+        raise ValueError(f"lowshot_basis union needs no more training rows ({num_rows}) than feature dims + 1")
+    if route == "group":
+        used = np.unique(rows_np[valid_np])                  # only these training rows matter
+        rows_np = np.searchsorted(used, rows_np).clip(max=max(len(used) - 1, 0))   # indices into `used`
+    else:
+        used = np.arange(num_rows)
     # The intercept feature is never materialised: [x, 1].[x', 1] = x.x' + 1, and a weight vector
     # sum_i coef_i [x_i, 1] has bias sum_i coef_i.
     with _Timer(timings, "fit", device):
@@ -470,14 +512,23 @@ def _lowshot_torch(train_x, samples, test_x, test_targets, costs, options: Solve
             test_lo = test_lo / (torch.linalg.vector_norm(test_lo, dim=1, keepdim=True) + 1e-5)
         test_t = torch.as_tensor(test_targets, device=device)
         test_pos, test_keep = (test_t == 1).T, (test_t != -1).T                          # (C, M)
-    dim = train_used.shape[1]
     num_test = test_lo.shape[0]
-    union_gram = None
-    if num_groups * width * width > len(used) * len(used):     # large k: one Gram of all used rows is cheaper
+    if route == "union":
         with _Timer(timings, "fit", device):
-            union_gram = train_used @ train_used.T + 1.0
-    per_group = 8 * (width * dim + 4 * width * width + 12 * len(costs) * width + len(costs) * dim
-                     + 5 * len(costs) * num_test)                     # bytes held per group
+            if not basis_ready:
+                basis_cache.update(key=cache_key, basis=RowBasis.build(train_used, device=device, dtype=dtype))
+            basis = basis_cache["basis"]
+        coords = basis.z.shape[1]
+        per_group = 12 * width * coords + 8 * len(costs) * (10 * coords + 12 * width + num_rows + dim)
+        solve_chunk = lambda rows, valid: _union_chunk(basis, rows, valid)   # noqa: E731
+    else:
+        union_gram = None
+        if num_groups * width * width > len(used) * len(used):   # one Gram of all used rows is cheaper
+            with _Timer(timings, "fit", device):
+                union_gram = train_used @ train_used.T + 1.0
+        per_group = 8 * (width * dim + 4 * width * width + 12 * len(costs) * width + len(costs) * dim)
+        solve_chunk = lambda rows, valid: _group_chunk(train_used, union_gram, rows, valid)   # noqa: E731
+    per_group += 8 * 5 * len(costs) * num_test                          # scores and their sort
     budget = options.chunk_bytes or (4 * 2 ** 30 if device.type == "cuda" else 512 * 2 ** 20)
     chunk = max(1, int(budget // per_group))
     aps = torch.zeros(num_groups, len(costs), dtype=torch.float64, device=device)
@@ -486,27 +537,50 @@ def _lowshot_torch(train_x, samples, test_x, test_targets, costs, options: Solve
         with _Timer(timings, "fit", device):
             rows = torch.as_tensor(rows_np[part], device=device)
             valid = torch.as_tensor(valid_np[part], device=device)
-            if union_gram is None:                                   # per-group Gram in float64
-                x_rows = train_used[rows]                                            # (g, n, D)
-                gram = torch.baddbmm(torch.ones(1, 1, 1, dtype=dtype, device=device), x_rows, x_rows.transpose(1, 2))
-                del x_rows
-            else:
-                gram = union_gram[rows[:, :, None], rows[:, None, :]]
-            if not bool(valid.all()):                                # padding rows: zero rows/columns
-                gram.mul_(valid[:, :, None] & valid[:, None, :])
-            z, map_back = group_bases(gram)
+            z, to_coef = solve_chunk(rows, valid)
             labels = torch.as_tensor(labels_np[part], device=device).to(dtype)[:, None, :]
             w_z, _ = options.solve_costs(z, labels, _weighted_costs(labels, options) * valid[:, None, :], costs)
-            coef = torch.bmm(w_z[:, 0], map_back.transpose(1, 2)) * valid[:, None, :]   # (g, costs, n)
+            coef, coef_rows = to_coef(w_z[:, 0])              # coefficients over training rows
         with _Timer(timings, "score", device):
             # weights only serve to rank the test set: formed and applied in score_dtype
-            weights = torch.bmm(coef.to(score_dtype), train_lo[rows])                   # (g, costs, D)
+            weights = coef.to(score_dtype) @ train_lo if coef_rows is None else \
+                torch.bmm(coef.to(score_dtype), train_lo[coef_rows])                       # (g, costs, D)
             bias = coef.sum(-1).reshape(-1, 1).to(score_dtype)
             scores = (test_lo @ weights.reshape(-1, dim).T).T + bias     # this operand order is faster on CPU
             classes = group_class[part].repeat_interleave(len(costs))
             aps[part] = batched_envelope_ap(scores, test_pos[classes], test_keep[classes]).reshape(-1, len(costs))
     aps = aps.cpu().numpy().reshape(len(samples), num_classes, len(costs))
     return aps.transpose(0, 2, 1)
+
+
+def _group_chunk(train_used, union_gram, rows, valid):
+    """Coordinates from each group's own Gram matrix (float64): z (g, n, n), and the map from a
+    solution w_z (g, costs, n) to coefficients over the group's rows (and those rows)."""
+    if union_gram is None:
+        x_rows = train_used[rows]                                                        # (g, n, D)
+        gram = torch.baddbmm(torch.ones(1, 1, 1, dtype=x_rows.dtype, device=x_rows.device),
+                             x_rows, x_rows.transpose(1, 2))
+        del x_rows
+    else:
+        gram = union_gram[rows[:, :, None], rows[:, None, :]]
+    if not bool(valid.all()):                                # padding rows: zero rows/columns
+        gram.mul_(valid[:, :, None] & valid[:, None, :])
+    z, map_back = group_bases(gram)
+
+    def to_coef(w_z):
+        return torch.bmm(w_z, map_back.transpose(1, 2)) * valid[:, None, :], rows
+    return z, to_coef
+
+
+def _union_chunk(basis: RowBasis, rows, valid):
+    """Each group's rows of the all-rows basis: z (g, n, r); padding rows carry no cost, so they
+    never enter a problem. Solutions map to coefficients over all training rows."""
+    z = basis.z[rows]
+
+    def to_coef(w_z):
+        g, num_costs, coords = w_z.shape
+        return basis.row_coefficients(w_z.reshape(-1, coords)).reshape(g, num_costs, -1), None
+    return z, to_coef
 
 
 def aggregate_lowshot(aps: np.ndarray, costs: Sequence[float]) -> Dict[str, float]:
