@@ -27,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from densebench.pretrain.model import DenseCL  # noqa: E402
+from densebench.system import retain_freed_memory  # noqa: E402
 
 
 def sync(device: torch.device) -> None:
@@ -105,6 +106,7 @@ def main() -> int:
                         help="ours with torch.compile'd encoders: both = time eager and compiled; "
                              "auto = both with CUDA, off on CPU")
     args = parser.parse_args()
+    retained = retain_freed_memory()          # as the densebench CLI does; both steps run in this process
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -120,7 +122,8 @@ def main() -> int:
     im_k = torch.randn(args.batch, 3, args.size, args.size, device=device)
     perm = torch.randperm(args.batch)
     name = torch.cuda.get_device_name(device) if on_cuda else f"cpu, {torch.get_num_threads()} threads"
-    print(f"device: {name}; {args.arch}, batch {args.batch}, {args.size}px, queue {args.queue_len}")
+    print(f"device: {name}; {args.arch}, batch {args.batch}, {args.size}px, queue {args.queue_len}; "
+          f"freed memory retained: {retained}")
 
     theirs = None
     try:

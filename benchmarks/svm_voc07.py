@@ -22,6 +22,7 @@ import time
 import torch
 
 from densebench.protocols.svm_solver import l2_normalize
+from densebench.system import retain_freed_memory
 from densebench.protocols.voc_svm_common import (REFERENCE_COSTS, SolverOptions, aggregate_lowshot, full_svm_sweep,
                                                  lowshot_fit_and_test, sample_lowshot_targets, synthetic_voc_features)
 
@@ -61,14 +62,15 @@ def main() -> None:
     parser.add_argument("--skip-sklearn", action="store_true", help="time only the torch solver")
     parser.add_argument("--cg-dtype", default="float32", help="torch solver: dtype of the CG Hessian products")
     args = parser.parse_args()
+    retained = retain_freed_memory()          # as the densebench CLI does; helps both backends alike
     n_test = max(1, round(args.n * 4952 / 5011))
     train_x, train_t, test_x, test_t = synthetic_voc_features(args.n, n_test, args.dim, seed=0, signal=0.06)
     train_n, test_n = l2_normalize(train_x), l2_normalize(test_x)
     ours = SolverOptions(backend="torch", device=args.device, cg_dtype=args.cg_dtype)
     ref = None if args.skip_sklearn else SolverOptions(backend="sklearn")
     print(f"features {args.n}x{args.dim} / {n_test}x{args.dim}, torch threads {torch.get_num_threads()}, "
-          f"device {args.device}" + (f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else ""),
-          flush=True)
+          f"device {args.device}" + (f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else "")
+          + f", freed memory retained: {retained}", flush=True)
     warm_up([o for o in (ours, ref) if o is not None])
     if not args.skip_full:
         fast, t_fast, f_fast = timed(lambda t: full_svm_sweep(train_x, train_t, test_x, test_t, options=ours, timings=t))

@@ -11,6 +11,7 @@ import sys
 from typing import List, Optional
 
 from densebench.errors import InputError
+from densebench.system import retain_freed_memory
 
 PROTOCOLS = (
     "svm_voc07", "lowshot_svm_voc07", "knn_imagenet",
@@ -100,6 +101,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s", datefmt="%H:%M:%S")
     key = f"data {args.data_command}" if args.command == "data" else args.command
+    retain_freed_memory()
     module_name, func_name = HANDLERS[key].split(":")
     handler = getattr(importlib.import_module(module_name), func_name)
     try:

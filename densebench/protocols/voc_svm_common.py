@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from densebench.protocols.svm_solver import (LinearModels, RowBasis, SVMProblems, augment_intercept, fit_svms,
-                                             l2_normalize, solve_primal_newton, symmetric_eigh)
+                                             gram_matrix, l2_normalize, solve_primal_newton, symmetric_eigh)
 
 # "1.0,10.0,100.0" plus 0.5^n for n = 4..19, in this order (eval_svm_full.sh; svm_helper.parse_cost_list)
 REFERENCE_COSTS = (1.0, 10.0, 100.0) + tuple(0.5 ** n for n in range(4, 20))
@@ -525,7 +525,7 @@ def _lowshot_torch(train_x, samples, test_x, test_targets, costs, options: Solve
         union_gram = None
         if num_groups * width * width > len(used) * len(used):   # one Gram of all used rows is cheaper
             with _Timer(timings, "fit", device):
-                union_gram = train_used @ train_used.T + 1.0
+                union_gram = gram_matrix(train_used) + 1.0
         per_group = 8 * (width * dim + 4 * width * width + 12 * len(costs) * width + len(costs) * dim)
         solve_chunk = lambda rows, valid: _group_chunk(train_used, union_gram, rows, valid)   # noqa: E731
     per_group += 8 * 5 * len(costs) * num_test                          # scores and their sort
