@@ -274,8 +274,8 @@ def test_lowshot_union_route_equals_group_route_and_reuses_its_basis():
 def test_lowshot_route_choice_on_voc07_sizes():
     def route(k, ready=False):
         return cheaper_lowshot_route(100, 20 * k, 5011, 8192, 19, ready)
-    assert [route(k) for k in (1, 8, 32, 96)] == ["group", "group", "group", "union"]
-    assert route(32, ready=True) == "union"
+    assert [route(k) for k in (1, 8, 32, 64, 96)] == ["group", "group", "group", "group", "union"]
+    assert route(64, ready=True) == "union" and route(32, ready=True) == "group"
     assert cheaper_lowshot_route(100, 1920, 9000, 512, 19, False) == "group"   # more rows than dims: no Gram route
 
 

@@ -152,7 +152,7 @@ class SolverOptions:
     cg_dtype: str = "float32"              # torch: Hessian products of the inner CG (inexact Newton)
     score_dtype: str = "float32"           # torch: low-shot test scores (ranking only)
     chunk_bytes: Optional[int] = None      # torch low-shot: memory per chunk of (sample, class) groups;
-                                           # None: 512 MiB on CPU, 4 GiB on CUDA
+                                           # None: 1 GiB on CPU, 4 GiB on CUDA
     warm_start_above: float = 0.1          # torch: costs >= this are solved one by one, ascending, each
                                            # started from the previous cost's optimum (inf: all cold)
     lowshot_basis: str = "auto"            # torch low-shot: "group" (a basis per (sample, class)), "union"
@@ -450,10 +450,11 @@ def cheaper_lowshot_route(num_groups: int, width: int, num_rows: int, dim: int, 
 
     group: per (sample, class) a Gram (n^2 D in float64) and an eigendecomposition (n^3), then
     products of n x n per problem. union: one basis of all N training rows (N^2 D + N^3, nothing
-    if already built for an earlier k), then products of n x N per problem. An eigendecomposition
-    costs about 15 n^3 multiply-adds of matrix-product time, and a problem needs about 35 pairs of
-    products (means measured on 5011 x 8192 features, CI machine). For 5 samples on VOC07-sized
-    data: group up to k = 32, union from k = 64 (from k = 32 once the basis exists).
+    if already built for an earlier k), then products of N x N per problem (every problem runs
+    over all rows, with zero cost outside its own). An eigendecomposition costs about 15 n^3
+    multiply-adds of matrix-product time, and a problem needs about 35 pairs of products (means
+    measured on 5011 x 8192 features, CI machine). For 5 samples on VOC07-sized data: group up to
+    k = 64, union for k = 96 (from k = 64 once the basis exists).
     """
     if num_rows > dim + 1:                  # the union route needs the Gram form of the basis
         return "group"
@@ -461,7 +462,7 @@ def cheaper_lowshot_route(num_groups: int, width: int, num_rows: int, dim: int, 
     problems = num_groups * num_costs
     group = num_groups * (eigh * width ** 3 + 4.0 * width ** 2 * dim) + 4.0 * product_pairs * problems * width ** 2
     union = 0.0 if union_basis_ready else eigh * num_rows ** 3 + 2.0 * num_rows ** 2 * dim
-    union += 4.0 * product_pairs * problems * width * num_rows
+    union += 4.0 * product_pairs * problems * num_rows ** 2
     return "union" if union < group else "group"
 
 
@@ -473,9 +474,9 @@ def _lowshot_torch(train_x, samples, test_x, test_targets, costs, options: Solve
     coordinates for it (options.lowshot_basis, "auto" = cheaper_lowshot_route):
     * group: the Gram matrix of the group's rows (n x n, n = 20k) gives coordinates of dimension
       <= n shared by the group's costs; cheap for small k.
-    * union: one basis of all training rows (RowBasis, kept in basis_cache for later calls); a
-      group's problems use the rows of it that they train on (n x N). For large k, where the
-      groups' eigendecompositions would cost more than one of all rows.
+    * union: one basis of all N training rows (RowBasis, kept in basis_cache for later calls);
+      every problem runs over all rows with zero cost outside its group's. For large k, where
+      the groups' eigendecompositions would cost more than one of all rows.
     The weights are mapped back as coefficients over training rows and the test set scored per chunk.
     """
     device, dtype = torch.device(options.device), getattr(torch, options.dtype)
@@ -518,18 +519,18 @@ def _lowshot_torch(train_x, samples, test_x, test_targets, costs, options: Solve
             if not basis_ready:
                 basis_cache.update(key=cache_key, basis=RowBasis.build(train_used, device=device, dtype=dtype))
             basis = basis_cache["basis"]
-        coords = basis.z.shape[1]
-        per_group = 12 * width * coords + 8 * len(costs) * (10 * coords + 12 * width + num_rows + dim)
-        solve_chunk = lambda rows, valid: _union_chunk(basis, rows, valid)   # noqa: E731
+        per_group = 8 * len(costs) * (14 * num_rows + 10 * basis.z.shape[1] + dim)
+        solve_chunk = lambda rows, valid, labels: _union_solve(basis, rows, valid, labels, costs, options)   # noqa: E731
     else:
         union_gram = None
         if num_groups * width * width > len(used) * len(used):   # one Gram of all used rows is cheaper
             with _Timer(timings, "fit", device):
                 union_gram = gram_matrix(train_used) + 1.0
         per_group = 8 * (width * dim + 4 * width * width + 12 * len(costs) * width + len(costs) * dim)
-        solve_chunk = lambda rows, valid: _group_chunk(train_used, union_gram, rows, valid)   # noqa: E731
+        solve_chunk = lambda rows, valid, labels: _group_solve(train_used, union_gram, rows, valid, labels,   # noqa: E731
+                                                               costs, options)
     per_group += 8 * 5 * len(costs) * num_test                          # scores and their sort
-    budget = options.chunk_bytes or (4 * 2 ** 30 if device.type == "cuda" else 512 * 2 ** 20)
+    budget = options.chunk_bytes or (4 * 2 ** 30 if device.type == "cuda" else 2 ** 30)
     chunk = max(1, int(budget // per_group))
     aps = torch.zeros(num_groups, len(costs), dtype=torch.float64, device=device)
     for start in range(0, num_groups, chunk):
@@ -537,10 +538,8 @@ def _lowshot_torch(train_x, samples, test_x, test_targets, costs, options: Solve
         with _Timer(timings, "fit", device):
             rows = torch.as_tensor(rows_np[part], device=device)
             valid = torch.as_tensor(valid_np[part], device=device)
-            z, to_coef = solve_chunk(rows, valid)
-            labels = torch.as_tensor(labels_np[part], device=device).to(dtype)[:, None, :]
-            w_z, _ = options.solve_costs(z, labels, _weighted_costs(labels, options) * valid[:, None, :], costs)
-            coef, coef_rows = to_coef(w_z[:, 0])              # coefficients over training rows
+            labels = torch.as_tensor(labels_np[part], device=device).to(dtype)
+            coef, coef_rows = solve_chunk(rows, valid, labels)       # (g, costs, n or N) over training rows
         with _Timer(timings, "score", device):
             # weights only serve to rank the test set: formed and applied in score_dtype
             weights = coef.to(score_dtype) @ train_lo if coef_rows is None else \
@@ -553,9 +552,9 @@ def _lowshot_torch(train_x, samples, test_x, test_targets, costs, options: Solve
     return aps.transpose(0, 2, 1)
 
 
-def _group_chunk(train_used, union_gram, rows, valid):
-    """Coordinates from each group's own Gram matrix (float64): z (g, n, n), and the map from a
-    solution w_z (g, costs, n) to coefficients over the group's rows (and those rows)."""
+def _group_solve(train_used, union_gram, rows, valid, labels, costs, options: SolverOptions):
+    """Group route: coordinates from each group's own Gram matrix (float64), z (g, n, n); returns
+    the coefficients (g, costs, n) over each group's rows, and those rows."""
     if union_gram is None:
         x_rows = train_used[rows]                                                        # (g, n, D)
         gram = torch.baddbmm(torch.ones(1, 1, 1, dtype=x_rows.dtype, device=x_rows.device),
@@ -566,21 +565,26 @@ def _group_chunk(train_used, union_gram, rows, valid):
     if not bool(valid.all()):                                # padding rows: zero rows/columns
         gram.mul_(valid[:, :, None] & valid[:, None, :])
     z, map_back = group_bases(gram)
+    labels = labels[:, None, :]
+    w_z, _ = options.solve_costs(z, labels, _weighted_costs(labels, options) * valid[:, None, :], costs)
+    return torch.bmm(w_z[:, 0], map_back.transpose(1, 2)) * valid[:, None, :], rows
 
-    def to_coef(w_z):
-        return torch.bmm(w_z, map_back.transpose(1, 2)) * valid[:, None, :], rows
-    return z, to_coef
 
-
-def _union_chunk(basis: RowBasis, rows, valid):
-    """Each group's rows of the all-rows basis: z (g, n, r); padding rows carry no cost, so they
-    never enter a problem. Solutions map to coefficients over all training rows."""
-    z = basis.z[rows]
-
-    def to_coef(w_z):
-        g, num_costs, coords = w_z.shape
-        return basis.row_coefficients(w_z.reshape(-1, coords)).reshape(g, num_costs, -1), None
-    return z, to_coef
+def _union_solve(basis: RowBasis, rows, valid, labels, costs, options: SolverOptions):
+    """Union route: every problem of the chunk over the one basis of all N training rows, each with
+    zero cost outside its group's rows. All groups' problems share z, so each product is one large
+    matrix product (the per-group rows of z would make one matrix-vector product per group and cost
+    level, bound by memory traffic). Returns coefficients (g, costs, N) over all training rows."""
+    num_rows = basis.z.shape[0]
+    g = rows.shape[0]
+    full_labels = torch.full((g, num_rows), -1.0, dtype=basis.z.dtype, device=basis.z.device)
+    full_weights = torch.zeros_like(full_labels)
+    group_of = torch.arange(g, device=rows.device)[:, None].expand_as(rows)[valid]    # padding slots left out
+    full_labels[group_of, rows[valid]] = labels[valid]
+    full_weights[group_of, rows[valid]] = _weighted_costs(labels, options)[valid]
+    w_z, _ = options.solve_costs(basis.z[None], full_labels[None], full_weights[None], costs)   # (1, g, costs, r)
+    coef = basis.row_coefficients(w_z[0].reshape(g * len(costs), -1))
+    return coef.reshape(g, len(costs), num_rows), None
 
 
 def aggregate_lowshot(aps: np.ndarray, costs: Sequence[float]) -> Dict[str, float]:
