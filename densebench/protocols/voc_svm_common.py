@@ -13,6 +13,7 @@ fits one LinearSVC per problem, as the reference does.
 """
 from __future__ import annotations
 
+import functools
 import random
 import time
 from dataclasses import dataclass
@@ -520,15 +521,14 @@ def _lowshot_torch(train_x, samples, test_x, test_targets, costs, options: Solve
                 basis_cache.update(key=cache_key, basis=RowBasis.build(train_used, device=device, dtype=dtype))
             basis = basis_cache["basis"]
         per_group = 8 * len(costs) * (14 * num_rows + 10 * basis.z.shape[1] + dim)
-        solve_chunk = lambda rows, valid, labels: _union_solve(basis, rows, valid, labels, costs, options)   # noqa: E731
+        solve_chunk = functools.partial(_union_solve, basis, costs=costs, options=options)
     else:
         union_gram = None
         if num_groups * width * width > len(used) * len(used):   # one Gram of all used rows is cheaper
             with _Timer(timings, "fit", device):
                 union_gram = gram_matrix(train_used) + 1.0
         per_group = 8 * (width * dim + 4 * width * width + 12 * len(costs) * width + len(costs) * dim)
-        solve_chunk = lambda rows, valid, labels: _group_solve(train_used, union_gram, rows, valid, labels,   # noqa: E731
-                                                               costs, options)
+        solve_chunk = functools.partial(_group_solve, train_used, union_gram, costs=costs, options=options)
     per_group += 8 * 5 * len(costs) * num_test                          # scores and their sort
     budget = options.chunk_bytes or (4 * 2 ** 30 if device.type == "cuda" else 2 ** 30)
     chunk = max(1, int(budget // per_group))
