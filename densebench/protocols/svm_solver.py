@@ -159,16 +159,13 @@ class RowBasis:
     def build(cls, x, device="cpu", dtype=torch.float64, rel_eps: float = 1e-10) -> "RowBasis":
         x = x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
         xt = _augment(x.to(device=device, dtype=dtype))
-        n, d = xt.shape
-        if n <= d:
-            evals, evecs = symmetric_eigh(gram_matrix(xt))
-            keep = evals > evals.max().clamp(min=1e-300) * rel_eps
-            evals, evecs = evals[keep], evecs[:, keep]
-            return cls(z=evecs * evals.sqrt(), back=evecs / evals.sqrt(), rows=xt)
-        evals, evecs = symmetric_eigh(xt.T @ xt)
+        gram_route = xt.shape[0] <= xt.shape[1]
+        evals, evecs = symmetric_eigh(gram_matrix(xt) if gram_route else xt.T @ xt)
         keep = evals > evals.max().clamp(min=1e-300) * rel_eps
-        transform = evecs[:, keep]
-        return cls(z=xt @ transform, back=transform)
+        evals, evecs = evals[keep], evecs[:, keep]
+        if gram_route:
+            return cls(z=evecs * evals.sqrt(), back=evecs / evals.sqrt(), rows=xt)
+        return cls(z=xt @ evecs, back=evecs)
 
     def row_coefficients(self, w_z: torch.Tensor) -> torch.Tensor:
         """Gram route: (P, N) coefficients c with weights = c @ x~ (so bias = c.sum(-1))."""

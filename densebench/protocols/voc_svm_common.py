@@ -159,16 +159,11 @@ class SolverOptions:
     lowshot_basis: str = "auto"            # torch low-shot: "group" (a basis per (sample, class)), "union"
                                            # (one basis of all training rows), "auto" (the cheaper)
 
-    def fit(self, x: np.ndarray, labels, mask, costs, basis: Optional[RowBasis] = None) -> LinearModels:
+    def fit(self, x: np.ndarray, labels, mask, costs) -> LinearModels:
         problems = SVMProblems(labels, mask, costs, self.pos_weight, self.neg_weight)
         return fit_svms(x, problems, backend=self.backend, device=self.device, tol=self.tol,
-                        dtype=getattr(torch, self.dtype), basis=basis,
+                        dtype=getattr(torch, self.dtype),
                         sklearn_max_iter=self.sklearn_max_iter, cg_dtype=getattr(torch, self.cg_dtype))
-
-    def basis(self, x: np.ndarray) -> Optional[RowBasis]:
-        if self.backend != "torch":
-            return None
-        return RowBasis.build(x, device=self.device, dtype=getattr(torch, self.dtype))
 
     def solve(self, z: torch.Tensor, labels: torch.Tensor, row_costs: torch.Tensor, stats=None):
         """Torch solve in row-space coordinates -> (w, margins), see solve_primal_newton."""
@@ -271,7 +266,6 @@ def full_svm_sweep(train_x: np.ndarray, train_targets: np.ndarray, test_x: np.nd
         return _full_svm_sweep_torch(train_x, train_targets, test_x, test_targets, costs, num_folds, options, timings)
     tic = time.perf_counter()
     num_rows, num_classes = train_targets.shape
-    basis = options.basis(train_x)
 
     labels, masks, problem_costs, index = [], [], [], []     # index: (class, cost, held-out rows)
     for c in range(num_classes):
@@ -284,7 +278,7 @@ def full_svm_sweep(train_x: np.ndarray, train_targets: np.ndarray, test_x: np.nd
                 masks.append(mask)
                 problem_costs.append(cost)
                 index.append((c, j, held_out))
-    models = options.fit(train_x, np.stack(labels), np.stack(masks), np.array(problem_costs), basis)
+    models = options.fit(train_x, np.stack(labels), np.stack(masks), np.array(problem_costs))
     fit_seconds = time.perf_counter() - tic
     train_scores = models.decision(train_x)
     cv_sum = np.zeros((num_classes, len(costs)))
@@ -297,7 +291,7 @@ def full_svm_sweep(train_x: np.ndarray, train_targets: np.ndarray, test_x: np.nd
 
     refit_labels = np.stack([train_labels(train_targets[:, c]) for c in range(num_classes)])
     tic = time.perf_counter()
-    refit = options.fit(train_x, refit_labels, np.ones_like(refit_labels, dtype=bool), chosen, basis)
+    refit = options.fit(train_x, refit_labels, np.ones_like(refit_labels, dtype=bool), chosen)
     fit_seconds += time.perf_counter() - tic
     aps = aps_on_test(refit.decision(test_x), test_targets, np.arange(num_classes))
     if timings is not None:
@@ -395,7 +389,6 @@ def lowshot_fit_and_test(train_x: np.ndarray, samples: Sequence[np.ndarray], tes
     num_classes = test_targets.shape[1]
     used = np.flatnonzero(np.any([np.any(s != -1, axis=1) for s in samples], axis=0))
     sub_x = train_x[used]
-    basis = options.basis(sub_x)
     labels, masks, problem_costs, classes = [], [], [], []
     for sample in samples:
         sub = sample[used]
@@ -405,7 +398,7 @@ def lowshot_fit_and_test(train_x: np.ndarray, samples: Sequence[np.ndarray], tes
                 masks.append(sub[:, c] != -1)
                 problem_costs.append(cost)
                 classes.append(c)
-    models = options.fit(sub_x, np.stack(labels), np.stack(masks), np.array(problem_costs), basis)
+    models = options.fit(sub_x, np.stack(labels), np.stack(masks), np.array(problem_costs))
     if timings is not None:
         timings["fit"] = timings.get("fit", 0.0) + time.perf_counter() - tic
     aps = aps_on_test(models.decision(test_x), test_targets, np.array(classes))
