@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from densebench.pretrain.model import DenseCL, GhostBatchNorm2d, cosine_lr, set_ghost_groups
+from densebench.pretrain.model import DenseCL, GhostBatchNorm2d, cosine_lr, info_nce, set_ghost_groups
 
 TEMPERATURE = 0.2
 
@@ -112,6 +112,24 @@ def test_losses_and_queues_match_hand_computed_reference(groups):
     assert torch.equal(model.queue[:, 4:], queue_before[:, 4:])
     assert torch.equal(model.queue2[:, 4:], queue2_before[:, 4:])
     assert model.queue_ptr.tolist() == [4] and model.queue2_ptr.tolist() == [4]
+
+
+@pytest.mark.parametrize("temperature", [0.2, 0.01])
+def test_info_nce_value_and_gradients_equal_cross_entropy_on_concatenated_logits(temperature):
+    torch.manual_seed(3)
+    q = F.normalize(torch.randn(37, 16), dim=1).requires_grad_()
+    positive = F.normalize(torch.randn(37, 16), dim=1).requires_grad_()
+    queue = F.normalize(torch.randn(16, 300), dim=0)
+    loss = info_nce(q, positive, queue, temperature)
+    loss.backward()
+
+    q64, pos64 = q.detach().double().requires_grad_(), positive.detach().double().requires_grad_()
+    logits = torch.cat([(q64 * pos64).sum(1, keepdim=True), q64 @ queue.double()], dim=1) / temperature
+    expected = F.cross_entropy(logits, torch.zeros(37, dtype=torch.long))
+    expected.backward()
+    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+    torch.testing.assert_close(q.grad.double(), q64.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(positive.grad.double(), pos64.grad, rtol=1e-4, atol=1e-6)
 
 
 def test_reference_is_sensitive_to_the_correspondence_features():

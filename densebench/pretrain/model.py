@@ -157,11 +157,18 @@ class DenseCLNeck(nn.Module):
 # --------------------------------------------------------------------------- loss pieces
 
 
-def info_nce(pos: torch.Tensor, neg: torch.Tensor, temperature: float) -> torch.Tensor:
-    """ContrastiveHead: CE over concat([pos, neg]) / T with the positive at index 0, mean."""
-    logits = torch.cat([pos, neg], dim=1) / temperature
-    labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
-    return F.cross_entropy(logits, labels)
+def info_nce(q: torch.Tensor, positive: torch.Tensor, queue: torch.Tensor, temperature: float) -> torch.Tensor:
+    """ContrastiveHead: cross-entropy over [q . positive, q . queue] / T, positive at index 0, mean.
+
+    q, positive (M, D) rows; queue (D, K). Computed as mean(logsumexp(all logits) - positive
+    logit) with 1/T folded into q: the reference's value (to float rounding) without the
+    concatenated and the divided copies of the logits, which with the paper's queue are
+    32 * 49 x 65536 floats (411 MB) each for the dense loss.
+    """
+    q_scaled = q / temperature
+    pos = (q_scaled * positive).sum(dim=1)
+    lse = torch.logaddexp(torch.logsumexp(q_scaled @ queue, dim=1), pos)
+    return (lse - pos).mean()
 
 
 def dense_correspondence(q_backbone: torch.Tensor, k_backbone: torch.Tensor) -> torch.Tensor:
@@ -176,16 +183,13 @@ def dense_correspondence(q_backbone: torch.Tensor, k_backbone: torch.Tensor) -> 
 
 def densecl_losses(q, q_grid, q_backbone, k, k_grid, k_backbone, queue, queue2, temperature):
     """(L_global, L_dense) from normalised features (float32), as PROTOCOLS.md 1.2 steps 4-5."""
-    l_pos = (q * k).sum(dim=1, keepdim=True)
-    l_neg = q @ queue
-    loss_global = info_nce(l_pos, l_neg, temperature)
+    loss_global = info_nce(q, k, queue, temperature)
 
     match = dense_correspondence(q_backbone, k_backbone)
     matched_k_grid = torch.gather(k_grid, 2, match.unsqueeze(1).expand(-1, k_grid.shape[1], -1))
-    l_pos_dense = (q_grid * matched_k_grid).sum(dim=1).reshape(-1, 1)
-    q_grid_flat = q_grid.transpose(1, 2).reshape(-1, q_grid.shape[1])
-    l_neg_dense = q_grid_flat @ queue2
-    loss_dense = info_nce(l_pos_dense, l_neg_dense, temperature)
+    q_grid_flat = q_grid.transpose(1, 2).reshape(-1, q_grid.shape[1])                 # (N * S, D)
+    matched_flat = matched_k_grid.transpose(1, 2).reshape(-1, matched_k_grid.shape[1])
+    loss_dense = info_nce(q_grid_flat, matched_flat, queue2, temperature)
     return loss_global, loss_dense
 
 
