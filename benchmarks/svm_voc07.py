@@ -6,7 +6,7 @@ runs the full-SVM sweep (20 classes x 19 costs x 3 folds + refit) and a low-shot
 pipeline time (fit + scoring + AP), the solver-only time ("fit"), the speed ratios and the mAP
 difference. Both backends run after a small warm-up (imports, CUDA context), in one process.
 As in the protocols, the features are L2-normalised once (outside the timings) and the torch
-backend keeps the row-space basis of all training rows across the low-shot k (basis_cache): the
+backend keeps the Gram matrix of all training rows across the low-shot k (basis_cache): the
 first k that needs it (the union route, large k) pays for building it. A last line sums the
 low-shot sweep over all k. Set the threads with OMP_NUM_THREADS (liblinear is single-threaded;
 OMP_NUM_THREADS=1 compares per core). Use --n/--dim to run smaller, --device cuda for the GPU:
@@ -60,13 +60,15 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=5)
     parser.add_argument("--skip-full", action="store_true")
     parser.add_argument("--skip-sklearn", action="store_true", help="time only the torch solver")
-    parser.add_argument("--cg-dtype", default="float32", help="torch solver: dtype of the CG Hessian products")
+    parser.add_argument("--cg-dtype", default="float32", help="torch solver: dtype of the CG products")
+    parser.add_argument("--lowshot-basis", default="auto", choices=("auto", "group", "union"),
+                        help="torch low-shot: Gram matrix per (sample, class), of all rows, or the cheaper")
     args = parser.parse_args()
     retained = retain_freed_memory()          # as the densebench CLI does; helps both backends alike
     n_test = max(1, round(args.n * 4952 / 5011))
     train_x, train_t, test_x, test_t = synthetic_voc_features(args.n, n_test, args.dim, seed=0, signal=0.06)
     train_n, test_n = l2_normalize(train_x), l2_normalize(test_x)
-    ours = SolverOptions(backend="torch", device=args.device, cg_dtype=args.cg_dtype)
+    ours = SolverOptions(backend="torch", device=args.device, cg_dtype=args.cg_dtype, lowshot_basis=args.lowshot_basis)
     ref = None if args.skip_sklearn else SolverOptions(backend="sklearn")
     print(f"features {args.n}x{args.dim} / {n_test}x{args.dim}, torch threads {torch.get_num_threads()}, "
           f"device {args.device}" + (f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else "")

@@ -8,11 +8,11 @@ import pytest
 import torch
 from sklearn.metrics import average_precision_score
 
-from densebench.protocols.svm_solver import (RowBasis, SVMProblems, fit_svms, fit_svms_sklearn, gram_matrix,
-                                             l2_normalize, symmetric_eigh)
+from densebench.protocols.svm_solver import (KernelRows, SVMProblems, fit_svms, fit_svms_sklearn, gram_matrix,
+                                             l2_normalize, solve_kernel_newton, top_eigenpairs)
 from densebench.protocols.voc_svm_common import (REFERENCE_COSTS, SolverOptions, aggregate_lowshot,
                                                  batched_envelope_ap, batched_ranking_ap, cheaper_lowshot_route,
-                                                 class_ap_on_test, full_svm_sweep, group_bases, lowshot_fit_and_test,
+                                                 class_ap_on_test, full_svm_sweep, lowshot_fit_and_test,
                                                  lowshot_groups,
                                                  lowshot_rng, ranking_ap, sample_lowshot_targets,
                                                  synthetic_voc_features, voc_envelope_ap)
@@ -175,13 +175,14 @@ def test_grouped_solver_with_padding_and_warm_start_reaches_liblinear_optimum():
     assert rows.shape == (6, 22) and valid.sum() == 2 * (12 + 17 + 22)
     xt = torch.as_tensor(np.c_[x, np.ones(90)])
     x_rows = xt[torch.as_tensor(rows)] * torch.as_tensor(valid)[..., None]
-    z, map_back = group_bases(x_rows @ x_rows.transpose(1, 2))
+    kernel = KernelRows.from_gram(x_rows @ x_rows.transpose(1, 2))
     costs = np.array([0.5 ** 10, 0.0625, 1.0, 10.0])
     weights_t = torch.where(torch.as_tensor(labels) > 0, 2.0, 1.0).double() * torch.as_tensor(valid)
     for warm in (float("inf"), 0.1):
         options = SolverOptions(warm_start_above=warm)
-        w_z, _ = options.solve_costs(z, torch.as_tensor(labels).double()[:, None], weights_t[:, None], costs)
-        w = torch.bmm(torch.bmm(w_z[:, 0], map_back.transpose(1, 2)), x_rows).numpy()     # (6, costs, D + 1)
+        coef, _ = options.solve_costs(kernel, torch.as_tensor(labels).double()[:, None], weights_t[:, None], costs)
+        assert not coef[:, 0].masked_select(~torch.as_tensor(valid)[:, None, :]).any()   # padding rows unused
+        w = torch.bmm(coef[:, 0], x_rows).numpy()                                          # (6, costs, D + 1)
         for g in range(6):
             r = rows[g, valid[g]]
             problems = SVMProblems(np.tile(labels[g, valid[g]], (4, 1)), np.ones((4, len(r)), bool), costs)
@@ -204,7 +205,8 @@ def test_torch_pipelines_options_agree():
     samples = [sample_lowshot_targets(train_t, 2, random.Random(s)) for s in range(2)]
     one = lowshot_fit_and_test(train_x, samples, test_x, test_t, costs, SolverOptions())
     many = lowshot_fit_and_test(train_x, samples, test_x, test_t, costs, SolverOptions(chunk_bytes=1))
-    np.testing.assert_allclose(one, many, atol=1e-6)
+    diff = np.abs(one - many)                  # other batch shapes sum in another order: near-ties may swap
+    assert (diff > 1e-6).mean() <= 0.01 and diff.max() <= 0.01
     cold = lowshot_fit_and_test(train_x, samples, test_x, test_t, costs, SolverOptions(warm_start_above=np.inf))
     assert np.abs(cold - one).max() <= 2e-3 and np.abs(cold - one).mean() <= 1e-4   # near-ties may swap
     large_k = [sample_lowshot_targets(train_t, 5, random.Random(s)) for s in range(2)]   # union Gram route
@@ -215,38 +217,44 @@ def test_torch_pipelines_options_agree():
     assert abs(aggregate_lowshot(one, costs)["mAP"] - aggregate_lowshot(union, costs)["mAP"]) <= 0.1
 
 
-def test_cpu_linear_algebra_routes_match_torch():
-    """gram_matrix (numpy syrk on CPU) and symmetric_eigh (scipy for n >= 256) equal torch's results."""
+def test_gram_matrix_and_top_eigenpairs_match_torch():
+    """gram_matrix (numpy syrk on CPU) equals torch's product; top_eigenpairs (subspace iteration)
+    finds the leading eigenvalues of a PSD matrix with a dominant direction, as features have."""
     rng = np.random.default_rng(9)
     x = torch.as_tensor(rng.random((300, 40)))
     np.testing.assert_allclose(gram_matrix(x).numpy(), (x @ x.T).numpy(), rtol=1e-12, atol=1e-12)
-    a = torch.as_tensor(rng.normal(size=(2, 300, 300)))
-    a = a @ a.transpose(1, 2)
-    evals, evecs = symmetric_eigh(a)
-    ref_evals, _ = torch.linalg.eigh(a)
-    np.testing.assert_allclose(evals.numpy(), ref_evals.numpy(), atol=1e-12 * float(ref_evals.max()))
-    rebuilt = evecs @ torch.diag_embed(evals) @ evecs.transpose(1, 2)
-    np.testing.assert_allclose(rebuilt.numpy(), a.numpy(), atol=1e-9 * float(a.abs().max()))
+    gram = torch.stack([gram_matrix(x), gram_matrix(x[:, :20] * 3.0)])
+    values, vectors = top_eigenpairs(gram, 2, iterations=30)
+    ref_values, _ = torch.linalg.eigh(gram)
+    np.testing.assert_allclose(values.numpy(), ref_values[:, -2:].numpy(), rtol=1e-6)
+    rebuilt = torch.bmm(gram, vectors)
+    np.testing.assert_allclose(rebuilt.numpy(), (vectors * values[:, None, :]).numpy(),
+                               atol=1e-5 * float(values.max()))
 
 
-@pytest.mark.parametrize("rows,dim", [(60, 200), (200, 30)])     # Gram route and covariance route
-def test_row_basis_is_orthonormal_and_maps_back(rows, dim):
+@pytest.mark.parametrize("rows,dim", [(60, 200), (200, 30)])     # fewer and more rows than dimensions
+def test_kernel_solver_meets_the_primal_optimality_condition(rows, dim):
+    """The solver only sees K = x~ x~^T; its weights w = coef @ x~ must zero the primal gradient
+    w - 2 sum_i c_i y_i max(0, 1 - y_i w.x~_i) x~_i, computed here in feature space."""
     rng = np.random.default_rng(10)
-    x = l2_normalize(rng.random((rows, dim)))
-    basis = RowBasis.build(x)
+    x = l2_normalize(rng.random((rows, dim)) + (rng.random((rows, 1)) < 0.4))
     xt = torch.as_tensor(np.c_[x, np.ones(rows)])
-    w_z = torch.as_tensor(rng.normal(size=(3, basis.z.shape[1])))
-    w = basis.weights(w_z)                                                  # (3, D + 1)
-    np.testing.assert_allclose((w @ xt.T).numpy(), (w_z @ basis.z.T).numpy(), atol=1e-9)   # same decisions
-    np.testing.assert_allclose(w.norm(dim=1).numpy(), w_z.norm(dim=1).numpy(), rtol=1e-9)  # isometry
-    if rows <= dim:
-        np.testing.assert_allclose(basis.row_coefficients(w_z) @ xt, w, atol=1e-12)
-    else:
-        with pytest.raises(ValueError, match="Gram route"):
-            basis.row_coefficients(w_z)
+    labels = torch.as_tensor(np.where(rng.random((4, rows)) < 0.3, 1.0, -1.0))
+    mask = torch.as_tensor(rng.random((4, rows)) < 0.7)
+    costs = torch.tensor([0.5 ** 12, 0.0625, 1.0, 100.0], dtype=torch.float64)
+    row_costs = costs[:, None] * torch.where(labels > 0, 2.0, 1.0) * mask
+    coef, margins = solve_kernel_newton(KernelRows.from_gram(xt @ xt.T), labels, row_costs, tol=1e-10,
+                                        return_margins=True)
+    assert not coef.masked_select(~mask).any()                       # rows a problem does not train on
+    w = coef @ xt
+    np.testing.assert_allclose(margins.numpy(), (w @ xt.T).numpy(), atol=1e-9)
+    hinge = (1 - labels * (w @ xt.T)).clamp(min=0)
+    grad = w - 2 * (row_costs * hinge * labels) @ xt
+    grad0 = 2 * (row_costs * labels) @ xt
+    assert (grad.norm(dim=1) <= 1e-8 * grad0.norm(dim=1)).all()
 
 
-def test_lowshot_union_route_equals_group_route_and_reuses_its_basis():
+def test_lowshot_union_route_equals_group_route_and_reuses_its_gram():
     train_x, train_t, test_x, test_t = synthetic_voc_features(120, 80, 256, seed=11, signal=0.3)
     train_x, test_x = l2_normalize(train_x), l2_normalize(test_x)
     costs = REFERENCE_COSTS[::2]
@@ -259,23 +267,23 @@ def test_lowshot_union_route_equals_group_route_and_reuses_its_basis():
     diff = np.abs(union - group)
     assert (diff > 1e-6).mean() <= 0.01 and diff.max() <= 0.01       # near-tied test scores may swap
     assert abs(aggregate_lowshot(union, costs)["mAP"] - aggregate_lowshot(group, costs)["mAP"]) <= 0.01
-    built = cache["basis"]
+    built = cache["kernel"]
     again = lowshot_fit_and_test(train_x, samples[:1], test_x, test_t, costs, SolverOptions(lowshot_basis="union",
                                  chunk_bytes=1), normalized=True, basis_cache=cache)
-    assert cache["basis"] is built                                   # not rebuilt for the next call
+    assert cache["kernel"] is built                                  # not rebuilt for the next call
     np.testing.assert_allclose(again[0], union[0], atol=1e-6)
     with pytest.raises(ValueError, match="lowshot_basis"):
         lowshot_fit_and_test(train_x, samples, test_x, test_t, costs, SolverOptions(lowshot_basis="rows"))
-    with pytest.raises(ValueError, match="no more training rows"):
-        lowshot_fit_and_test(train_x[:, :50], samples, test_x[:, :50], test_t, costs,
-                             SolverOptions(lowshot_basis="union"))
+    narrow = [lowshot_fit_and_test(train_x[:, :50], samples, test_x[:, :50], test_t, costs,
+                                   SolverOptions(lowshot_basis=route)) for route in ("group", "union")]
+    assert abs(aggregate_lowshot(narrow[0], costs)["mAP"] - aggregate_lowshot(narrow[1], costs)["mAP"]) <= 0.01
 
 
 def test_lowshot_route_choice_on_voc07_sizes():
     def route(k, ready=False):
         return cheaper_lowshot_route(100, 20 * k, 5011, 8192, 19, ready)
     assert [route(k) for k in (1, 8, 32, 64, 96)] == ["group", "group", "group", "group", "union"]
-    assert route(64, ready=True) == "union" and route(32, ready=True) == "group"
+    assert route(64, ready=True) == "group" and route(96, ready=True) == "union"
     assert cheaper_lowshot_route(100, 1920, 9000, 512, 19, False) == "group"   # more rows than dims: no Gram route
 
 

@@ -113,7 +113,7 @@ def run_layer(ctx: RunContext, cfg: Config, layer: str, train_x, train_targets, 
     """{k: [state per sample]}; each state holds the (costs x classes) test APs of one sample."""
     key = _state_key(ctx, cfg)
     out: Dict[int, List[dict]] = {}
-    basis_cache: dict = {}            # the row-space basis of all training rows, built once for the large k
+    basis_cache: dict = {}            # the Gram matrix of all training rows, built once for the large k
     for k in cfg.ks:
         states: Dict[int, dict] = {}
         pending, samples = [], []

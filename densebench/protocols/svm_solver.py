@@ -14,20 +14,24 @@ truncated Newton method on the primal (the "generalised Hessian" of the squared 
 * Problems share one feature matrix and differ by labels, costs and a row mask (which rows
   a problem trains on: CV folds and low-shot samples are masks), so every product is one big
   matrix multiplication over all problems (BLAS-3 / GPU friendly).
-* The features are first rotated into an orthonormal basis of their row space (an
-  eigendecomposition of the Gram or covariance matrix). The optimum lies in that space (the
-  regulariser kills any other component), so nothing is lost, the dimension drops to
-  min(N, D + 1), and Z^T Z is diagonal, which makes the Jacobi preconditioner of the
-  conjugate-gradient inner solver effective.
-* Newton steps are solved by preconditioned CG, followed by an Armijo line search that costs
-  no extra matrix product (the margins are linear in the step). A problem stops when its
-  gradient norm falls below `tol` times its initial gradient norm; converged problems leave
-  the batch (within CG too). Gradients, margins and the stopping test use the basis dtype
-  (float64); the CG Hessian products may run in float32 (`cg_dtype`): an inexact Newton
+* Kernel form: the optimum is w = sum_i coef_i x~_i over the problem's rows (the regulariser
+  kills any other component), so the solver only needs the Gram matrix K = x~ x~^T (one syrk)
+  and works on coefficients; the decision values on the training rows are K coef.
+* Newton steps are solved through the push-through identity as a small-condition system
+  (A^-1/2 + K_SS) e = b on the rows with a positive hinge, by CG preconditioned with the
+  diagonal plus the leading eigenpairs of K (subspace iteration); one product with K per CG
+  iteration. An Armijo line search costs no extra product (the margins are linear in the step).
+  A problem stops when its gradient norm falls below `tol` times its initial gradient norm;
+  converged problems leave the batch (within CG too). Gradients, margins and the stopping test
+  use K's dtype (float64); the CG products may run in float32 (`cg_dtype`): an inexact Newton
   direction changes the path, not the optimum.
-* Grouped form: z (G, N, r) with problems (G, Q, N), one basis per group (the low-shot sweep
-  uses one small basis per (sample, class), see voc_svm_common._lowshot_torch). A problem can
-  be warm-started (`w0`), e.g. from its optimum at the next smaller cost.
+* Grouped form: K (G, N, N) with problems (G, Q, N), one Gram matrix per group (the low-shot
+  sweep uses one per (sample, class), see voc_svm_common._lowshot_torch). A problem can be
+  warm-started (`coef0`), e.g. from its optimum at the next smaller cost.
+
+An earlier version rotated the rows into the eigenbasis of K (an N^3 eigendecomposition, 34 s
+of the 91 s full sweep at N = 5011 on one CI core) and ran CG on the primal Hessian there; the
+kernel form needs no eigendecomposition and about as many CG iterations, each half the products.
 
 The sklearn backend (`svm_backend: sklearn`) runs the reference `LinearSVC` fits one by one.
 """
@@ -92,8 +96,7 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
 
 def fit_svms(x: np.ndarray, problems: SVMProblems, backend: str = "torch",
              device: "torch.device | str" = "cpu", tol: float = 1e-6,
-             dtype: torch.dtype = torch.float64, max_newton: int = 100,
-             basis: Optional["RowBasis"] = None, sklearn_max_iter: int = 2000,
+             dtype: torch.dtype = torch.float64, max_newton: int = 100, sklearn_max_iter: int = 2000,
              cg_dtype: Optional[torch.dtype] = torch.float32) -> LinearModels:
     """Fit every problem of the batch; x are the (already normalised) training features.
 
@@ -102,7 +105,7 @@ def fit_svms(x: np.ndarray, problems: SVMProblems, backend: str = "torch",
     """
     if backend == "torch":
         return fit_svms_torch(x, problems, device=device, tol=tol, dtype=dtype,
-                              max_newton=max_newton, basis=basis, cg_dtype=cg_dtype)
+                              max_newton=max_newton, cg_dtype=cg_dtype)
     if backend == "sklearn":
         return fit_svms_sklearn(x, problems, max_iter=sklearn_max_iter)
     raise ValueError(f"unknown svm backend {backend!r}; known: {BACKENDS}")
@@ -140,46 +143,6 @@ def fit_svms_sklearn(x: np.ndarray, problems: SVMProblems, tol: float = 1e-4,
 
 # ----------------------------------------------------------------------------- batched solver
 
-@dataclass
-class RowBasis:
-    """Orthonormal coordinates z (N, r) of the rows of x~ = [x, 1], and the way back to weights.
-
-    Computing it costs one eigendecomposition; reuse it for every problem over the same rows
-    (all folds, all costs, all classes, and every low-shot problem over a subset of them).
-    Gram route (N <= D + 1): x~ x~^T = U L U^T, z = U sqrt(L), and the orthonormal transform
-    x~^T U / sqrt(L) is never formed: weights(w_z) = (row_coefficients(w_z)) @ x~, which costs
-    O(P N D) instead of the O(N^2 D) of the transform. Covariance route (N > D + 1):
-    x~^T x~ = V L V^T, z = x~ V, weights = w_z V^T.
-    """
-    z: torch.Tensor                         # (N, r) coordinates of the rows
-    back: torch.Tensor                      # Gram: (N, r) U / sqrt(L); covariance: (D + 1, r) V
-    rows: Optional[torch.Tensor] = None     # Gram route: x~ (N, D + 1); None on the covariance route
-
-    @classmethod
-    def build(cls, x, device="cpu", dtype=torch.float64, rel_eps: float = 1e-10) -> "RowBasis":
-        x = x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
-        xt = _augment(x.to(device=device, dtype=dtype))
-        gram_route = xt.shape[0] <= xt.shape[1]
-        evals, evecs = symmetric_eigh(gram_matrix(xt) if gram_route else xt.T @ xt)
-        keep = evals > evals.max().clamp(min=1e-300) * rel_eps
-        evals, evecs = evals[keep], evecs[:, keep]
-        if gram_route:
-            return cls(z=evecs * evals.sqrt(), back=evecs / evals.sqrt(), rows=xt)
-        return cls(z=xt @ evecs, back=evecs)
-
-    def row_coefficients(self, w_z: torch.Tensor) -> torch.Tensor:
-        """Gram route: (P, N) coefficients c with weights = c @ x~ (so bias = c.sum(-1))."""
-        if self.rows is None:
-            raise ValueError("row coefficients exist only on the Gram route (N <= D + 1)")
-        return w_z @ self.back.T
-
-    def weights(self, w_z: torch.Tensor) -> torch.Tensor:
-        """(P, D + 1) weights in feature space (last column: the intercept) for w_z (P, r)."""
-        if self.rows is None:
-            return w_z @ self.back.T
-        return self.row_coefficients(w_z) @ self.rows
-
-
 def gram_matrix(x: torch.Tensor) -> torch.Tensor:
     """x x^T. On CPU through numpy, whose matmul runs x @ x.T as BLAS syrk (half the flops of a
     general product; 1.9x faster than torch's matmul for 2000 x 8193 float64 on the 2-core AMD
@@ -190,53 +153,58 @@ def gram_matrix(x: torch.Tensor) -> torch.Tensor:
     return x @ x.T
 
 
-def symmetric_eigh(a: torch.Tensor):
-    """torch.linalg.eigh (ascending eigenvalues) of one matrix or a batch (..., n, n).
-
-    On CPU, matrices from n = 256 up go one by one through scipy's LAPACK divide and conquer
-    (driver "evd"), 1.7-1.9x faster than torch's for n = 640..5011 on the CI machine (scipy's
-    OpenBLAS vs torch's MKL on AMD); smaller ones stay batched in torch.
-    """
-    if a.device.type != "cpu" or a.shape[-1] < 256:
-        return torch.linalg.eigh(a)
-    from scipy.linalg import eigh
-
-    flat = a.reshape(-1, *a.shape[-2:])
-    evals = torch.empty(flat.shape[:2], dtype=a.dtype)
-    evecs = torch.empty_like(flat)
-    for i, matrix in enumerate(flat):
-        values, vectors = eigh(matrix.numpy(), driver="evd", check_finite=False)
-        evals[i], evecs[i] = torch.from_numpy(values), torch.from_numpy(vectors)
-    return evals.reshape(a.shape[:-1]), evecs.reshape(a.shape)
-
-
 def augment_intercept(x: torch.Tensor) -> torch.Tensor:
     """Append the constant-1 intercept feature (liblinear with intercept_scaling = 1)."""
     return torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)], dim=1)
 
 
-_augment = augment_intercept
+@dataclass
+class KernelRows:
+    """The Gram matrix K = x~ x~^T (G, N, N) of one or more row sets (groups) and its leading
+    eigenpairs, which precondition the inner solves. Build it once and reuse it for every problem
+    over the same rows (all folds, costs and classes; the low-shot union of all training rows)."""
+    gram: torch.Tensor                     # (G, N, N), the solver dtype (float64)
+    top_values: torch.Tensor               # (G, k)
+    top_vectors: torch.Tensor              # (G, N, k)
+
+    @classmethod
+    def from_gram(cls, gram: torch.Tensor, num_top: int = 4, iterations: int = 6) -> "KernelRows":
+        gram = gram if gram.dim() == 3 else gram[None]
+        values, vectors = top_eigenpairs(gram, num_top, iterations)
+        return cls(gram, values, vectors)
+
+    def select(self, groups: torch.Tensor) -> "KernelRows":
+        return KernelRows(self.gram[groups], self.top_values[groups], self.top_vectors[groups])
+
+
+def top_eigenpairs(gram: torch.Tensor, k: int, iterations: int = 6):
+    """Leading k eigenpairs (values (G, k), vectors (G, N, k)) of each PSD matrix of gram (G, N, N),
+    by subspace iteration from a fixed random start; only the preconditioner depends on them."""
+    num_groups, n, _ = gram.shape
+    k = min(k, n)
+    width = min(n, k + 4)
+    generator = torch.Generator(device=gram.device).manual_seed(0)
+    start = torch.randn(n, width, generator=generator, dtype=gram.dtype, device=gram.device)
+    basis = start.expand(num_groups, n, width)            # the same start for every group: a group's
+                                                          # result does not depend on its batch
+    for _ in range(iterations):
+        basis, _ = torch.linalg.qr(torch.bmm(gram, basis))
+    values, small = torch.linalg.eigh(basis.transpose(1, 2) @ torch.bmm(gram, basis))
+    return values[:, -k:].clamp(min=0), torch.bmm(basis, small[:, :, -k:])
 
 
 def fit_svms_torch(x: np.ndarray, problems: SVMProblems, device="cpu", tol: float = 1e-6,
                    dtype: torch.dtype = torch.float64, max_newton: int = 100,
-                   basis: Optional[RowBasis] = None, cg_dtype: Optional[torch.dtype] = torch.float32) -> LinearModels:
-    """Batched truncated-Newton solver; returns weights in the original feature space."""
+                   cg_dtype: Optional[torch.dtype] = torch.float32) -> LinearModels:
+    """Batched kernel-form Newton solver; returns weights in the original feature space."""
     device = torch.device(device)
-    if basis is None:
-        basis = RowBasis.build(x, device=device, dtype=dtype)
-    z = basis.z
-    labels = torch.as_tensor(problems.labels, device=device).to(z.dtype)
-    row_costs = torch.as_tensor(problems.row_costs(), device=device).to(z.dtype)
-    w_z = solve_primal_newton(z, labels, row_costs, tol=tol, max_newton=max_newton, cg_dtype=cg_dtype)
-    w_full = basis.weights(w_z).cpu().numpy().astype(np.float64)                # (P, D + 1)
+    rows = augment_intercept(torch.as_tensor(np.asarray(x)).to(device=device, dtype=dtype))
+    kernel = KernelRows.from_gram(gram_matrix(rows))
+    labels = torch.as_tensor(problems.labels, device=device).to(dtype)
+    row_costs = torch.as_tensor(problems.row_costs(), device=device).to(dtype)
+    coef = solve_kernel_newton(kernel, labels, row_costs, tol=tol, max_newton=max_newton, cg_dtype=cg_dtype)
+    w_full = (coef @ rows).cpu().numpy().astype(np.float64)                          # (P, D + 1)
     return LinearModels(weights=np.ascontiguousarray(w_full[:, :-1]), bias=w_full[:, -1].copy())
-
-
-def _objective_parts(w, margins, labels, row_costs):
-    viol = (1.0 - labels * margins).clamp(min=0) * (row_costs > 0)
-    value = 0.5 * (w * w).sum(-1) + (row_costs * viol * viol).sum(-1)
-    return value, viol
 
 
 def _compact(running: torch.Tensor):
@@ -258,151 +226,199 @@ def _take(t: torch.Tensor, groups: torch.Tensor, slots: torch.Tensor) -> torch.T
 
 
 @torch.no_grad()
-def solve_primal_newton(z: torch.Tensor, labels: torch.Tensor, row_costs: torch.Tensor,
+def solve_kernel_newton(kernel: KernelRows, labels: torch.Tensor, row_costs: torch.Tensor,
                         tol: float = 1e-6, max_newton: int = 100, max_cg: int = 500,
                         cg_forcing: float = 0.01, cg_dtype: Optional[torch.dtype] = None,
-                        w0: Optional[torch.Tensor] = None, return_margins: bool = False,
+                        coef0: Optional[torch.Tensor] = None, return_margins: bool = False,
                         stats: Optional[dict] = None):
-    """min_w 1/2||w||^2 + sum_i c_i max(0, 1 - y_i z_i.w)^2 for every row of labels/row_costs.
+    """min_w 1/2||w||^2 + sum_i c_i max(0, 1 - y_i w.x~_i)^2 with w = sum_i coef_i x~_i, for every
+    problem (row of labels/row_costs), knowing the rows only through K = x~ x~^T.
 
-    z (N, r) shared features with labels, row_costs (P, N) -> w (P, r); or grouped: z (G, N, r)
-    with labels, row_costs (G, Q, N) -> w (G, Q, r) (each group has its own rows/basis, e.g. one
-    low-shot sample of one class). Stops per problem at ||grad|| <= tol * ||grad(0)||, the
-    gradient and margins always in z's dtype; the Hessian products of the inner CG run in
-    cg_dtype (float32 halves their cost on CPU; an inexact Newton direction only changes the
-    path, not the optimum or the stopping test). w0 warm-starts. return_margins also returns
-    z @ w (the decision values on every row, masked or not). stats collects iteration counts.
+    Shapes: one group, labels and row_costs (P, N) -> coef (P, N); grouped, (G, Q, N) with
+    kernel.gram (G, N, N) -> (G, Q, N). Rows with zero cost keep coefficient 0 (a problem's
+    optimum lies in the span of its own rows).
+
+    Newton on the primal with the generalised Hessian H = I + 2 X~_S^T A X~_S (S: the rows
+    with a positive hinge, A their costs), solved through the push-through identity: the step is
+    d = -g + X~_S^T e with (A^-1 / 2 + K_SS) e = K_S. gamma (g = X~^T gamma). That system is well
+    conditioned at every cost (the diagonal dominates at small C; at large C its condition is that
+    of K_SS once its few dominant directions, e.g. the features' mean, are deflated), so CG
+    preconditioned by diag + the leading eigenpairs of K needs few iterations, each one product
+    with K. CG stops when the estimated primal Newton residual ||X~_S^T 2A r|| falls below
+    forcing * ||g||; a Newton step is accepted by an Armijo search that costs no extra product.
+    A problem stops at ||g|| <= tol * ||g(0)||, g measured in K's dtype (float64); CG products
+    may run in cg_dtype (float32). coef0 warm-starts. return_margins also returns K coef (the
+    decision values on every row). stats collects iteration counts.
     """
-    grouped = z.dim() == 3
+    grouped = labels.dim() == 3
     if not grouped:
-        z, labels, row_costs = z[None], labels[None], row_costs[None]
-        w0 = None if w0 is None else w0[None]
-    num_groups, num_problems, _ = labels.shape
-    dtype = z.dtype
+        labels, row_costs = labels[None], row_costs[None]
+        coef0 = None if coef0 is None else coef0[None]
+    gram_all = kernel.gram
+    num_groups, num_problems, num_rows = labels.shape
+    if gram_all.shape[0] != num_groups:
+        raise ValueError(f"{gram_all.shape[0]} Gram matrices for {num_groups} groups of problems")
+    dtype = gram_all.dtype
     cg_dtype = cg_dtype or dtype
-    if w0 is None:
-        w = torch.zeros(num_groups, num_problems, z.shape[2], dtype=dtype, device=z.device)
-        margins = torch.zeros_like(labels)
+    trained = row_costs > 0
+    if coef0 is None:
+        coef, margins = torch.zeros_like(labels), torch.zeros_like(labels)
     else:
-        w = w0.to(dtype).clone()
-        margins = torch.bmm(w, z.transpose(1, 2))
-    grad_at_zero = -2.0 * torch.bmm(row_costs * labels, z)        # every hinge active at w = 0
-    grad0_norm = grad_at_zero.norm(dim=2).clamp(min=1e-300)
-    first_grad = grad_at_zero if w0 is None else None
-    del grad_at_zero
-    running = torch.ones(num_groups, num_problems, dtype=torch.bool, device=z.device)
+        coef = coef0.to(dtype) * trained
+        margins = torch.bmm(coef, gram_all)
     stats = stats if stats is not None else {}
     stats.setdefault("newton", 0)
     stats.setdefault("cg", 0)
+    residual_diag = (gram_all.diagonal(dim1=1, dim2=2)
+                     - (kernel.top_vectors ** 2 * kernel.top_values[:, None, :]).sum(-1)).clamp(min=1e-12)
 
-    groups = torch.arange(num_groups, device=z.device)
-    slots = torch.arange(num_problems, device=z.device).expand(num_groups, -1)
-    valid = running.clone()
-    zg = z
-    zg_lo = z.to(cg_dtype)
-    w_t, m_t, y_t, c_t, g0 = w, margins, labels, row_costs, grad0_norm
+    groups = torch.arange(num_groups, device=labels.device)
+    slots = torch.arange(num_problems, device=labels.device).expand(num_groups, -1)
+    valid = torch.ones(num_groups, num_problems, dtype=torch.bool, device=labels.device)
+    kern, kern_lo, rdiag = kernel, gram_all.to(cg_dtype), residual_diag
+    c_t, y_t, m_t, b_t = row_costs, labels, margins, coef
+    g0 = None
     for _ in range(max_newton):
-        value, viol = _objective_parts(w_t, m_t, y_t, c_t)
-        if first_grad is not None:                               # cold start: known already
-            grad, first_grad = first_grad, None
-        else:
-            grad = w_t - 2.0 * torch.bmm(c_t * viol * y_t, zg)
-        grad_norm = grad.norm(dim=2)
+        viol = (1.0 - y_t * m_t).clamp(min=0) * (c_t > 0)
+        gamma = b_t - 2.0 * c_t * viol * y_t
+        k_gamma = torch.bmm(gamma, kern.gram)
+        grad_norm = (gamma * k_gamma).sum(-1).clamp(min=0).sqrt()
+        if g0 is None:                                         # ||g|| at coef = 0 (every hinge active)
+            if coef0 is None:
+                g0 = grad_norm.clamp(min=1e-300)
+            else:
+                g_start = 2.0 * c_t * y_t
+                g0 = (g_start * torch.bmm(g_start, kern.gram)).sum(-1).clamp(min=1e-300).sqrt()
         done = (grad_norm <= tol * g0) | ~valid
-        running[groups[:, None], slots] = ~done
         if bool(done.all()):
             break
         compact = _compact(~done) if int(done.sum()) > 0.25 * done.numel() else None
         if compact is not None and compact[1].numel() < done.numel():      # shrink the working set
-            w[groups[:, None], slots] = w_t
+            coef[groups[:, None], slots] = b_t
             margins[groups[:, None], slots] = m_t
             keep_groups, keep_slots, valid = compact
             take = lambda t: _take(t, keep_groups, keep_slots)   # noqa: E731
-            w_t, m_t, y_t, c_t, g0 = take(w_t), take(m_t), take(y_t), take(c_t), take(g0)
-            value, viol, grad, grad_norm, done = take(value), take(viol), take(grad), take(grad_norm), take(done)
+            c_t, y_t, m_t, b_t, g0 = take(c_t), take(y_t), take(m_t), take(b_t), take(g0)
+            viol, gamma, k_gamma, grad_norm, done = take(viol), take(gamma), take(k_gamma), take(grad_norm), take(done)
             slots = _take(slots, keep_groups, keep_slots)
             if keep_groups.numel() < groups.numel():
                 groups = groups[keep_groups]
-                zg, zg_lo = zg[keep_groups], zg_lo[keep_groups]
+                kern, kern_lo, rdiag = kern.select(keep_groups), kern_lo[keep_groups], rdiag[keep_groups]
         stats["newton"] += 1
-        stats["newton_products"] = stats.get("newton_products", 0) + done.numel()
-        active = (c_t * (viol > 0)).to(cg_dtype)                 # generalised Hessian weights
-        precond = 1.0 + 2.0 * torch.bmm(active, zg_lo * zg_lo)
+        active = c_t * (viol > 0)
         rel = torch.minimum(torch.full_like(grad_norm, cg_forcing), (grad_norm / g0).sqrt())
-        rhs = torch.where(done[..., None], torch.zeros_like(grad), -grad).to(cg_dtype)
-        step, step_margins = _pcg(zg_lo, active, precond, rhs, rel.to(cg_dtype), max_cg, stats)
-        step, step_margins = step.to(dtype), step_margins.to(dtype)
-        t = _armijo(w_t, m_t, y_t, c_t, value, grad, step, step_margins)
-        w_t = w_t + t[..., None] * step
-        m_t = torch.bmm(w_t, zg.transpose(1, 2))                # exact margins for the next gradient
-    w[groups[:, None], slots] = w_t
+        rhs = torch.where((active > 0) & ~done[..., None], k_gamma, torch.zeros_like(k_gamma))
+        e, k_e = _kernel_pcg(kern, kern_lo, rdiag, active.to(cg_dtype), rhs.to(cg_dtype),
+                             (rel * grad_norm).to(cg_dtype), max_cg, stats)
+        step = e.to(dtype) - gamma
+        step_margins = k_e.to(dtype) - k_gamma
+        slope = (k_gamma * step).sum(-1)
+        uphill = slope >= 0                                    # inexact direction: fall back to -g
+        if bool(uphill.any()):
+            step = torch.where(uphill[..., None], -gamma, step)
+            step_margins = torch.where(uphill[..., None], -k_gamma, step_margins)
+            slope = (k_gamma * step).sum(-1)
+        value = 0.5 * (b_t * m_t).sum(-1) + (c_t * viol * viol).sum(-1)
+        t = _armijo((b_t * m_t).sum(-1), (m_t * step).sum(-1), (step * step_margins).sum(-1),
+                    m_t, y_t, c_t, value, slope, step_margins)
+        t = torch.where(done, torch.zeros_like(t), t)
+        b_t = b_t + t[..., None] * step
+        m_t = torch.bmm(b_t, kern.gram)                        # exact margins for the next gradient
+    coef[groups[:, None], slots] = b_t
     margins[groups[:, None], slots] = m_t
     if not grouped:
-        w, margins = w[0], margins[0]
-    return (w, margins) if return_margins else w
+        coef, margins = coef[0], margins[0]
+    return (coef, margins) if return_margins else coef
 
 
-def _pcg(z, active, precond, rhs, rel_tol, max_iter, stats=None):
-    """Batched preconditioned CG for (I + 2 Z^T diag(active_p) Z) d_p = rhs_p, grouped shapes
-    z (G, N, r), active (G, Q, N), precond and rhs (G, Q, r). Returns d and Z d (the step's
-    margins, accumulated from the products CG needs anyway).
+def _kernel_pcg(kernel: KernelRows, gram_lo, residual_diag, active, rhs, target, max_iter, stats=None):
+    """Batched preconditioned CG for (A^-1 / 2 + K_SS) e = rhs on each problem's active rows S
+    (active > 0), grouped shapes: gram (G, N, N), active and rhs (G, Q, N), target (G, Q).
 
-    A problem stops at ||residual|| <= rel_tol * ||rhs||; finished problems leave the batch so
-    the matrix products only cover the ones still running.
+    Preconditioner: diag(1 / 2a + K_ii - sum_j l_j u_ij^2) plus the leading eigenpairs (l, u) of K
+    restricted to S, inverted by Woodbury (a k x k system per problem). A problem stops when its
+    estimated primal residual ||X~_S^T 2A r|| (from the same split of K: sum_j l_j (u_j . 2Ar)^2 +
+    sum_i K'_ii (2a r)_i^2) reaches target. Returns e and K e (accumulated from the products CG
+    makes anyway); finished problems leave the batch.
     """
+    dtype = rhs.dtype
+    on_rows = active > 0
+    half_inv = torch.where(on_rows, 0.5 / active.clamp(min=1e-30), torch.zeros_like(active))
+    values = kernel.top_values.to(dtype)
+    vectors = kernel.top_vectors.to(dtype)
+    rdiag = residual_diag.to(dtype)
+    scale = torch.where(on_rows, 1.0 / (half_inv + rdiag[:, None, :]), torch.zeros_like(active))
+    num_top = values.shape[1]
+    outer = (vectors[:, :, :, None] * vectors[:, :, None, :]).reshape(vectors.shape[0], vectors.shape[1], -1)
+    inv_values = 1.0 / values.clamp(min=1e-12 * float(values.max().clamp(min=1e-30)))
+    core = torch.bmm(scale, outer).reshape(*scale.shape[:2], num_top, num_top) + torch.diag_embed(inv_values)[:, None]
+    core_chol = torch.linalg.cholesky(core)
+
+    def precondition(r, scale, vectors, core_chol):
+        scaled = scale * r
+        small = torch.cholesky_solve(torch.bmm(scaled, vectors)[..., None], core_chol)[..., 0]
+        return scaled - scale * torch.bmm(small, vectors.transpose(1, 2))
+
+    def primal_residual(r, active, vectors, values, rdiag):
+        v = 2.0 * active * r
+        proj = torch.bmm(v, vectors)
+        return ((proj * proj * values[:, None, :]).sum(-1) + (v * v * rdiag[:, None, :]).sum(-1)).clamp(min=0).sqrt()
+
     solution = torch.zeros_like(rhs)
-    solution_margins = torch.zeros_like(active)
+    solution_k = torch.zeros_like(rhs)
     groups = torch.arange(rhs.shape[0], device=rhs.device)
     slots = torch.arange(rhs.shape[1], device=rhs.device).expand(rhs.shape[0], -1)
     valid = torch.ones(rhs.shape[:2], dtype=torch.bool, device=rhs.device)
+    gram = gram_lo
     x = torch.zeros_like(rhs)
-    zx = torch.zeros_like(active)
+    kx = torch.zeros_like(rhs)
     r = rhs.clone()
-    y = r / precond
+    y = precondition(r, scale, vectors, core_chol)
     p = y.clone()
     ry = (r * y).sum(-1)
-    target = rel_tol * rhs.norm(dim=-1)
-    zt = z.transpose(1, 2)
+    started = rhs.abs().sum(-1) > 0
     for _ in range(max_iter):
-        running = (r.norm(dim=-1) > target) & valid
+        running = started & valid & (primal_residual(r, active, vectors, values, rdiag) > target)
         if not bool(running.any()):
             break
         compact = _compact(running) if int(running.sum()) < 0.75 * running.numel() else None
         if compact is not None and compact[1].numel() < running.numel():
             solution[groups[:, None], slots] = x
-            solution_margins[groups[:, None], slots] = zx
+            solution_k[groups[:, None], slots] = kx
             keep_groups, keep_slots, valid = compact
             take = lambda t: _take(t, keep_groups, keep_slots)   # noqa: E731
-            x, zx, r, p, ry = take(x), take(zx), take(r), take(p), take(ry)
-            active, precond, target = take(active), take(precond), take(target)
+            x, kx, r, p, ry = take(x), take(kx), take(r), take(p), take(ry)
+            active, half_inv, scale, core_chol, target = (take(active), take(half_inv), take(scale),
+                                                          take(core_chol), take(target))
+            started = take(started)
             slots = _take(slots, keep_groups, keep_slots)
             if keep_groups.numel() < groups.numel():
                 groups = groups[keep_groups]
-                z, zt = z[keep_groups], zt[keep_groups]
+                gram, vectors, values, rdiag = (gram[keep_groups], vectors[keep_groups], values[keep_groups],
+                                                rdiag[keep_groups])
             running = running[keep_groups[:, None], keep_slots]
         if stats is not None:
             stats["cg"] += 1
             stats["cg_products"] = stats.get("cg_products", 0) + running.numel()
         p = p * running[..., None]                               # finished problems stay put
-        zp = torch.bmm(p, zt)
-        hp = p + 2.0 * torch.bmm(active * zp, z)
-        alpha = ry / (p * hp).sum(-1).clamp(min=1e-30)
+        kp = torch.bmm(p, gram)
+        bp = torch.where(active > 0, half_inv * p + kp, torch.zeros_like(p))
+        alpha = ry / (p * bp).sum(-1).clamp(min=1e-30)
         x = x + alpha[..., None] * p
-        zx = zx + alpha[..., None] * zp
-        r = r - alpha[..., None] * hp
-        y = r / precond
+        kx = kx + alpha[..., None] * kp
+        r = r - alpha[..., None] * bp
+        y = precondition(r, scale, vectors, core_chol)
         ry_new = (r * y).sum(-1)
         p = y + (ry_new / ry.clamp(min=1e-30))[..., None] * p
         ry = ry_new
     solution[groups[:, None], slots] = x
-    solution_margins[groups[:, None], slots] = zx
-    return solution, solution_margins
+    solution_k[groups[:, None], slots] = kx
+    return solution, solution_k
 
 
-def _armijo(w, margins, labels, row_costs, value, grad, step, step_margins, shrink=0.5, tries=30):
-    """Largest t in {1, 1/2, 1/4, ...} with sufficient decrease; margins are linear in t."""
-    slope = (grad * step).sum(-1)
-    ww, wd, dd = (w * w).sum(-1), (w * step).sum(-1), (step * step).sum(-1)
+def _armijo(ww, wd, dd, margins, labels, row_costs, value, slope, step_margins, shrink=0.5, tries=30):
+    """Largest t in {1, 1/2, 1/4, ...} with sufficient decrease of the objective along the step;
+    ww, wd, dd are w.w, w.d, d.d (the regulariser is quadratic in t) and the margins are linear."""
     chosen = torch.zeros_like(value)
     undecided = torch.ones_like(value, dtype=torch.bool)
     t = 1.0

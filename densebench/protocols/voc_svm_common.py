@@ -7,7 +7,7 @@ protocol pipelines on synthetic features:
     lowshot_fit_and_test(train_x, samples, test_x, test_targets, ...)     section 2.4
 Label encoding (section 2.2): 1 present, 0 absent, -1 difficult-only.
 With the torch backend both sweeps stay in torch on SolverOptions.device: batched solves
-(svm_solver.solve_primal_newton), CV decision values taken from the solver's margins, CV and
+(svm_solver.solve_kernel_newton), CV decision values taken from the solver's margins, CV and
 test APs as batched sorts (batched_ranking_ap / batched_envelope_ap). The sklearn backend
 fits one LinearSVC per problem, as the reference does.
 """
@@ -22,8 +22,8 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from densebench.protocols.svm_solver import (LinearModels, RowBasis, SVMProblems, augment_intercept, fit_svms,
-                                             gram_matrix, l2_normalize, solve_primal_newton, symmetric_eigh)
+from densebench.protocols.svm_solver import (KernelRows, LinearModels, SVMProblems, augment_intercept, fit_svms,
+                                             gram_matrix, l2_normalize, solve_kernel_newton)
 
 # "1.0,10.0,100.0" plus 0.5^n for n = 4..19, in this order (eval_svm_full.sh; svm_helper.parse_cost_list)
 REFERENCE_COSTS = (1.0, 10.0, 100.0) + tuple(0.5 ** n for n in range(4, 20))
@@ -146,7 +146,7 @@ class SolverOptions:
     backend: str = "torch"                 # "torch" (batched) or "sklearn" (reference LinearSVC)
     device: str = "cpu"
     tol: float = 1e-6                      # relative gradient norm at which a torch problem stops
-    dtype: str = "float64"                 # torch: basis, gradients, margins, stopping test
+    dtype: str = "float64"                 # torch: Gram matrix, gradients, margins, stopping test
     pos_weight: float = 2.0                # class_weight {+1: 2, -1: 1} (train_svm_kfold.py)
     neg_weight: float = 1.0
     sklearn_max_iter: int = 2000           # reference LinearSVC max_iter
@@ -156,8 +156,8 @@ class SolverOptions:
                                            # None: 1 GiB on CPU, 4 GiB on CUDA
     warm_start_above: float = 0.1          # torch: costs >= this are solved one by one, ascending, each
                                            # started from the previous cost's optimum (inf: all cold)
-    lowshot_basis: str = "auto"            # torch low-shot: "group" (a basis per (sample, class)), "union"
-                                           # (one basis of all training rows), "auto" (the cheaper)
+    lowshot_basis: str = "auto"            # torch low-shot: "group" (a Gram matrix per (sample, class)),
+                                           # "union" (one of all training rows), "auto" (the cheaper)
 
     def fit(self, x: np.ndarray, labels, mask, costs) -> LinearModels:
         problems = SVMProblems(labels, mask, costs, self.pos_weight, self.neg_weight)
@@ -165,14 +165,15 @@ class SolverOptions:
                         dtype=getattr(torch, self.dtype),
                         sklearn_max_iter=self.sklearn_max_iter, cg_dtype=getattr(torch, self.cg_dtype))
 
-    def solve(self, z: torch.Tensor, labels: torch.Tensor, row_costs: torch.Tensor, stats=None):
-        """Torch solve in row-space coordinates -> (w, margins), see solve_primal_newton."""
-        return solve_primal_newton(z, labels, row_costs, tol=self.tol, cg_dtype=getattr(torch, self.cg_dtype),
+    def solve(self, kernel: KernelRows, labels: torch.Tensor, row_costs: torch.Tensor, stats=None):
+        """Torch solve over the rows of kernel -> (coefficients, margins), see solve_kernel_newton."""
+        return solve_kernel_newton(kernel, labels, row_costs, tol=self.tol, cg_dtype=getattr(torch, self.cg_dtype),
                                    return_margins=True, stats=stats)
 
-    def solve_costs(self, z: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, costs: np.ndarray,
+    def solve_costs(self, kernel: KernelRows, labels: torch.Tensor, weights: torch.Tensor, costs: np.ndarray,
                     stats=None):
-        """Every problem of labels/weights (G, B, N) at every cost -> w (G, B, K, r), margins (G, B, K, N).
+        """Every problem of labels/weights (G, B, N) at every cost -> coefficients and margins, both
+        (G, B, K, N).
 
         weights are the per-row class weights times the row mask (the cost multiplies them). The
         costs below warm_start_above converge from zero in a few Newton steps and go in one batch;
@@ -180,28 +181,28 @@ class SolverOptions:
         ascending order, each warm-started from the optimum at the previous cost.
         """
         num_groups, batch, num_rows = labels.shape
-        cost_t = torch.as_tensor(costs, device=z.device, dtype=z.dtype)
-        w = torch.zeros(num_groups, batch, len(costs), z.shape[2], dtype=z.dtype, device=z.device)
-        margins = torch.zeros(num_groups, batch, len(costs), num_rows, dtype=z.dtype, device=z.device)
+        dtype, device = kernel.gram.dtype, kernel.gram.device
+        cost_t = torch.as_tensor(costs, device=device, dtype=dtype)
+        coef = torch.zeros(num_groups, batch, len(costs), num_rows, dtype=dtype, device=device)
+        margins = torch.zeros_like(coef)
         cold_np = np.flatnonzero(costs < self.warm_start_above)
-        cold = torch.as_tensor(cold_np, device=z.device)
+        cold = torch.as_tensor(cold_np, device=device)
         warm = [int(j) for j in np.argsort(costs, kind="stable") if costs[j] >= self.warm_start_above]
         if len(cold_np):
             shape = (num_groups, batch, len(cold_np), num_rows)
             row_costs = cost_t[cold][None, None, :, None] * weights[:, :, None, :]
-            w_c, m_c = solve_primal_newton(z, labels[:, :, None, :].expand(shape).reshape(num_groups, -1, num_rows),
-                                           row_costs.reshape(num_groups, -1, num_rows), tol=self.tol,
-                                           cg_dtype=getattr(torch, self.cg_dtype), return_margins=True, stats=stats)
-            w[:, :, cold] = w_c.reshape(num_groups, batch, len(cold_np), -1)
+            c_c, m_c = self.solve(kernel, labels[:, :, None, :].expand(shape).reshape(num_groups, -1, num_rows),
+                                  row_costs.reshape(num_groups, -1, num_rows), stats=stats)
+            coef[:, :, cold] = c_c.reshape(shape)
             margins[:, :, cold] = m_c.reshape(shape)
         previous = int(cold_np[np.argmax(costs[cold_np])]) if len(cold_np) else None
         for j in warm:
-            w0 = None if previous is None else w[:, :, previous]
-            w[:, :, j], margins[:, :, j] = solve_primal_newton(
-                z, labels, cost_t[j] * weights, tol=self.tol, cg_dtype=getattr(torch, self.cg_dtype),
-                w0=w0, return_margins=True, stats=stats)
+            coef0 = None if previous is None else coef[:, :, previous]
+            coef[:, :, j], margins[:, :, j] = solve_kernel_newton(
+                kernel, labels, cost_t[j] * weights, tol=self.tol, cg_dtype=getattr(torch, self.cg_dtype),
+                coef0=coef0, return_margins=True, stats=stats)
             previous = j
-        return w, margins
+        return coef, margins
 
 
 class _Timer:
@@ -303,7 +304,7 @@ def _full_svm_sweep_torch(train_x, train_targets, test_x, test_targets, costs, n
                           options: SolverOptions, timings) -> FullSVMResult:
     """The batched version of the sweep above, all on options.device.
 
-    One row-space basis serves every fold, cost and the refit; the CV decision values are the
+    One Gram matrix serves every fold, cost and the refit; the CV decision values are the
     solver's margins (no mapping back to feature space); CV and test APs are batched sorts.
     """
     device, dtype = torch.device(options.device), getattr(torch, options.dtype)
@@ -316,11 +317,12 @@ def _full_svm_sweep_torch(train_x, train_targets, test_x, test_targets, costs, n
         for f, rows in enumerate(stratified_folds(labels[c].cpu().numpy(), num_folds)):
             held_out[c, f, torch.as_tensor(rows, device=device)] = True
     with _Timer(timings, "fit", device):
-        basis = RowBasis.build(train_x, device=device, dtype=dtype)
+        train_aug = augment_intercept(torch.as_tensor(train_x, device=device).to(dtype))
+        kernel = KernelRows.from_gram(gram_matrix(train_aug))
         shape = (num_classes, num_folds, num_costs, num_rows)
         cv_labels = labels[:, None, None, :].expand(shape)
         cv_weights = _weighted_costs(labels, options)[:, None, :] * (~held_out)                # (C, F, N)
-        _, margins = options.solve_costs(basis.z[None], labels[:, None, :].expand_as(cv_weights).reshape(1, -1, num_rows),
+        _, margins = options.solve_costs(kernel, labels[:, None, :].expand_as(cv_weights).reshape(1, -1, num_rows),
                                          cv_weights.reshape(1, -1, num_rows), costs)
         margins = margins.reshape(-1, num_rows)
     with _Timer(timings, "score", device):
@@ -330,8 +332,8 @@ def _full_svm_sweep_torch(train_x, train_targets, test_x, test_targets, costs, n
     chosen = costs[np.argmax(cv_scores, axis=1)]               # argmax: first maximum wins
     with _Timer(timings, "fit", device):
         refit_costs = torch.as_tensor(chosen, device=device, dtype=dtype)[:, None] * _weighted_costs(labels, options)
-        w_z, _ = options.solve(basis.z, labels, refit_costs)
-        weights = basis.weights(w_z)                                                 # (C, D + 1)
+        coef, _ = options.solve(kernel, labels, refit_costs)
+        weights = coef @ train_aug                                                   # (C, D + 1)
     with _Timer(timings, "score", device):
         test_aug = augment_intercept(torch.as_tensor(test_x, device=device).to(dtype))
         test_t = torch.as_tensor(test_targets, device=device)
@@ -375,8 +377,8 @@ def lowshot_fit_and_test(train_x: np.ndarray, samples: Sequence[np.ndarray], tes
     every cost; test on the full test set without difficult rows. The sklearn backend fits one
     problem at a time; the torch backend batches all groups and costs (see _lowshot_torch).
     timings (a dict) receives the seconds spent in "fit" and "score". basis_cache: a dict the
-    caller keeps across calls over the same train_x (every k of one layer), so the row-space
-    basis of all training rows (the union route for large k) is built once.
+    caller keeps across calls over the same train_x (every k of one layer), so the Gram matrix of
+    all training rows (the union route for large k) is built once.
     """
     options = options or SolverOptions()
     costs = np.asarray(costs, dtype=np.float64)
@@ -421,42 +423,31 @@ def lowshot_groups(samples: Sequence[np.ndarray]):
     return rows, valid, labels
 
 
-def group_bases(gram: torch.Tensor, rel_eps: float = 1e-10):
-    """Orthonormal row-space coordinates per group from its Gram matrix (G, n, n) of augmented rows:
-    z = U sqrt(L) (G, n, n), and the map back U / sqrt(L) with the null directions set to 0, so
-    that a group's weights are w = x~_rows^T (map_back @ w_z)."""
-    evals, evecs = symmetric_eigh(gram)
-    keep = evals > evals.amax(dim=1, keepdim=True).clamp(min=1e-300) * rel_eps
-    root = torch.where(keep, evals.clamp(min=0).sqrt(), torch.zeros_like(evals))
-    z = evecs * root[:, None, :]
-    map_back = evecs * torch.where(keep, 1.0 / root.clamp(min=1e-300), torch.zeros_like(root))[:, None, :]
-    return z, map_back
-
-
 def _torch_l2_normalize(x: torch.Tensor) -> torch.Tensor:
     """l2_normalize on a float64 tensor (same formula, on the solver's device)."""
     return x / (x.norm(dim=1, keepdim=True) + 1e-5)
 
 
 def cheaper_lowshot_route(num_groups: int, width: int, num_rows: int, dim: int, num_costs: int,
-                          union_basis_ready: bool) -> str:
+                          union_ready: bool) -> str:
     """"group" or "union", whichever the work estimate (in float32 multiply-adds) says is cheaper.
 
-    group: per (sample, class) a Gram (n^2 D in float64) and an eigendecomposition (n^3), then
-    products of n x n per problem. union: one basis of all N training rows (N^2 D + N^3, nothing
-    if already built for an earlier k), then products of N x N per problem (every problem runs
-    over all rows, with zero cost outside its own). An eigendecomposition costs about 15 n^3
-    multiply-adds of matrix-product time, and a problem needs about 35 pairs of products (means
-    measured on 5011 x 8192 features, CI machine). For 5 samples on VOC07-sized data: group up to
-    k = 64, union for k = 96 (from k = 64 once the basis exists).
+    group: per (sample, class) the Gram matrix of its n rows (from one Gram of the rows in use:
+    about U^2 D / 2 for U used rows, or n^2 D per group when that is smaller), then products of
+    n x n per problem; the warm-started large costs run one problem per group, a matrix-vector
+    product per group that is bound by memory traffic (counted 12x). union: the Gram of all N
+    rows (N^2 D / 2, nothing if already built for an earlier k), then products of N x N per
+    problem, always as one large matrix product. A problem needs about 30 products. The constants
+    are fitted to the CI machine (5011 x 8192 features, 5 samples, one thread): group 17.7 / 29.1 /
+    51.6 s and union 55.0 / 53.5 / 44.9 s for k = 32 / 64 / 96, so union from k = 96 only.
     """
-    if num_rows > dim + 1:                  # the union route needs the Gram form of the basis
-        return "group"
-    eigh, product_pairs = 15.0, 35.0
+    products, warm_share, matvec_penalty = 30.0, 0.6, 12.0
+    used = min(num_rows, num_groups * width)
     problems = num_groups * num_costs
-    group = num_groups * (eigh * width ** 3 + 4.0 * width ** 2 * dim) + 4.0 * product_pairs * problems * width ** 2
-    union = 0.0 if union_basis_ready else eigh * num_rows ** 3 + 2.0 * num_rows ** 2 * dim
-    union += 4.0 * product_pairs * problems * num_rows ** 2
+    group = min(0.5 * used ** 2 * dim, num_groups * width ** 2 * dim)
+    group += products * problems * width ** 2 * ((1 - warm_share) + warm_share * matvec_penalty)
+    union = 0.0 if union_ready else 0.5 * num_rows ** 2 * dim
+    union += products * problems * num_rows ** 2
     return "union" if union < group else "group"
 
 
@@ -464,14 +455,15 @@ def _lowshot_torch(train_x, samples, test_x, test_targets, costs, options: Solve
                    normalized: bool, basis_cache: dict) -> np.ndarray:
     """Low-shot sweep, all (sample, class) groups and costs batched, in chunks that bound memory.
 
-    A problem trains on 20k rows, so its optimum lies in the span of those rows. Two ways to get
-    coordinates for it (options.lowshot_basis, "auto" = cheaper_lowshot_route):
-    * group: the Gram matrix of the group's rows (n x n, n = 20k) gives coordinates of dimension
-      <= n shared by the group's costs; cheap for small k.
-    * union: one basis of all N training rows (RowBasis, kept in basis_cache for later calls);
-      every problem runs over all rows with zero cost outside its group's. For large k, where
-      the groups' eigendecompositions would cost more than one of all rows.
-    The weights are mapped back as coefficients over training rows and the test set scored per chunk.
+    A problem trains on 20k rows, so its optimum is a combination of those rows, and the solver
+    needs their Gram matrix only (options.lowshot_basis, "auto" = cheaper_lowshot_route):
+    * group: the Gram matrix of each group's rows (n x n, n = 20k), shared by the group's costs;
+      cheapest for small k.
+    * union: the Gram matrix of all N training rows (kept in basis_cache for later calls); every
+      problem runs over all rows with zero cost outside its group's, so each product is one large
+      matrix product, which wins for large k where the groups' warm-started solves would be
+      matrix-vector products.
+    The coefficients over training rows give the weights; the test set is scored per chunk.
     """
     device, dtype = torch.device(options.device), getattr(torch, options.dtype)
     score_dtype = getattr(torch, options.score_dtype)
@@ -481,14 +473,12 @@ def _lowshot_torch(train_x, samples, test_x, test_targets, costs, options: Solve
     num_groups, width = rows_np.shape
     group_class = torch.as_tensor(np.tile(np.arange(num_classes), len(samples)), device=device)
     cache_key = (num_rows, dim, str(device), options.dtype, normalized)
-    basis_ready = basis_cache.get("key") == cache_key
+    union_ready = basis_cache.get("key") == cache_key
     route = options.lowshot_basis
     if route == "auto":
-        route = cheaper_lowshot_route(num_groups, width, num_rows, dim, len(costs), basis_ready)
+        route = cheaper_lowshot_route(num_groups, width, num_rows, dim, len(costs), union_ready)
     if route not in ("group", "union"):
         raise ValueError(f"lowshot_basis must be auto, group or union, got {options.lowshot_basis!r}")
-    if route == "union" and num_rows > dim + 1:
-        raise ValueError(f"lowshot_basis union needs no more training rows ({num_rows}) than feature dims + 1")
     if route == "group":
         used = np.unique(rows_np[valid_np])                  # only these training rows matter
         rows_np = np.searchsorted(used, rows_np).clip(max=max(len(used) - 1, 0))   # indices into `used`
@@ -510,17 +500,17 @@ def _lowshot_torch(train_x, samples, test_x, test_targets, costs, options: Solve
     num_test = test_lo.shape[0]
     if route == "union":
         with _Timer(timings, "fit", device):
-            if not basis_ready:
-                basis_cache.update(key=cache_key, basis=RowBasis.build(train_used, device=device, dtype=dtype))
-            basis = basis_cache["basis"]
-        per_group = 8 * len(costs) * (14 * num_rows + 10 * basis.z.shape[1] + dim)
-        solve_chunk = functools.partial(_union_solve, basis, costs=costs, options=options)
+            if not union_ready:
+                basis_cache.update(key=cache_key, kernel=KernelRows.from_gram(gram_matrix(train_used) + 1.0))
+            kernel = basis_cache["kernel"]
+        per_group = 8 * len(costs) * (24 * num_rows + dim)
+        solve_chunk = functools.partial(_union_solve, kernel, costs=costs, options=options)
     else:
         union_gram = None
         if num_groups * width * width > len(used) * len(used):   # one Gram of all used rows is cheaper
             with _Timer(timings, "fit", device):
                 union_gram = gram_matrix(train_used) + 1.0
-        per_group = 8 * (width * dim + 4 * width * width + 12 * len(costs) * width + len(costs) * dim)
+        per_group = 8 * (width * dim + 4 * width * width + 24 * len(costs) * width + len(costs) * dim)
         solve_chunk = functools.partial(_group_solve, train_used, union_gram, costs=costs, options=options)
     per_group += 8 * 5 * len(costs) * num_test                          # scores and their sort
     budget = options.chunk_bytes or (4 * 2 ** 30 if device.type == "cuda" else 2 ** 30)
@@ -546,7 +536,7 @@ def _lowshot_torch(train_x, samples, test_x, test_targets, costs, options: Solve
 
 
 def _group_solve(train_used, union_gram, rows, valid, labels, costs, options: SolverOptions):
-    """Group route: coordinates from each group's own Gram matrix (float64), z (g, n, n); returns
+    """Group route: each group's own Gram matrix (float64, g x n x n, padding rows zeroed); returns
     the coefficients (g, costs, n) over each group's rows, and those rows."""
     if union_gram is None:
         x_rows = train_used[rows]                                                        # (g, n, D)
@@ -557,27 +547,25 @@ def _group_solve(train_used, union_gram, rows, valid, labels, costs, options: So
         gram = union_gram[rows[:, :, None], rows[:, None, :]]
     if not bool(valid.all()):                                # padding rows: zero rows/columns
         gram.mul_(valid[:, :, None] & valid[:, None, :])
-    z, map_back = group_bases(gram)
     labels = labels[:, None, :]
-    w_z, _ = options.solve_costs(z, labels, _weighted_costs(labels, options) * valid[:, None, :], costs)
-    return torch.bmm(w_z[:, 0], map_back.transpose(1, 2)) * valid[:, None, :], rows
+    coef, _ = options.solve_costs(KernelRows.from_gram(gram), labels,
+                                  _weighted_costs(labels, options) * valid[:, None, :], costs)
+    return coef[:, 0] * valid[:, None, :], rows
 
 
-def _union_solve(basis: RowBasis, rows, valid, labels, costs, options: SolverOptions):
-    """Union route: every problem of the chunk over the one basis of all N training rows, each with
-    zero cost outside its group's rows. All groups' problems share z, so each product is one large
-    matrix product (the per-group rows of z would make one matrix-vector product per group and cost
-    level, bound by memory traffic). Returns coefficients (g, costs, N) over all training rows."""
-    num_rows = basis.z.shape[0]
+def _union_solve(kernel: KernelRows, rows, valid, labels, costs, options: SolverOptions):
+    """Union route: every problem of the chunk over the Gram matrix of all N training rows, each
+    with zero cost outside its group's rows. All groups' problems share K, so each product is one
+    large matrix product. Returns coefficients (g, costs, N) over all training rows."""
+    num_rows = kernel.gram.shape[-1]
     g = rows.shape[0]
-    full_labels = torch.full((g, num_rows), -1.0, dtype=basis.z.dtype, device=basis.z.device)
+    full_labels = torch.full((g, num_rows), -1.0, dtype=kernel.gram.dtype, device=kernel.gram.device)
     full_weights = torch.zeros_like(full_labels)
     group_of = torch.arange(g, device=rows.device)[:, None].expand_as(rows)[valid]    # padding slots left out
     full_labels[group_of, rows[valid]] = labels[valid]
     full_weights[group_of, rows[valid]] = _weighted_costs(labels, options)[valid]
-    w_z, _ = options.solve_costs(basis.z[None], full_labels[None], full_weights[None], costs)   # (1, g, costs, r)
-    coef = basis.row_coefficients(w_z[0].reshape(g * len(costs), -1))
-    return coef.reshape(g, len(costs), num_rows), None
+    coef, _ = options.solve_costs(kernel, full_labels[None], full_weights[None], costs)   # (1, g, costs, N)
+    return coef[0], None
 
 
 def aggregate_lowshot(aps: np.ndarray, costs: Sequence[float]) -> Dict[str, float]:
