@@ -318,8 +318,9 @@ def solve_kernel_newton(kernel: KernelRows, labels: torch.Tensor, row_costs: tor
             step = torch.where(uphill[..., None], -gamma, step)
             step_margins = torch.where(uphill[..., None], -k_gamma, step_margins)
             slope = (k_gamma * step).sum(-1)
-        value = 0.5 * (b_t * m_t).sum(-1) + (c_t * viol * viol).sum(-1)
-        t = _armijo((b_t * m_t).sum(-1), (m_t * step).sum(-1), (step * step_margins).sum(-1),
+        ww = (b_t * m_t).sum(-1)                               # ||w||^2 = coef K coef
+        value = 0.5 * ww + (c_t * viol * viol).sum(-1)
+        t = _armijo(ww, (m_t * step).sum(-1), (step * step_margins).sum(-1),
                     m_t, y_t, c_t, value, slope, step_margins)
         t = torch.where(done, torch.zeros_like(t), t)
         b_t = b_t + t[..., None] * step
