@@ -5,12 +5,13 @@ prints the time per step of each and the ratio (MMPreTrain time / ours). MMPreTr
 its published config does (fp32, NCHW); ours runs with its defaults for the device (bf16
 autocast + channels_last on CUDA; on CPU fp32, channels_last as --channels-last says).
 Without mmpretrain importable, only our timings are printed (and the ratio against our own
-step in plain fp32 NCHW). `--compile both` (the default on CUDA) times ours eager and ours with
-torch.compile'd encoders (PretrainConfig.compile) side by side; the compile warm-up is reported
-apart and excluded from the timings.
+step in plain fp32 NCHW). On CUDA ours is timed eager and replayed from a CUDA graph
+(GraphedTrainStep, what the trainer runs on one GPU; `--cuda-graph`); `--compile both` adds ours
+with torch.compile'd encoders (PretrainConfig.compile). One-off warm-ups (compilation, the CUDA
+graph's eager steps and capture) are reported apart and excluded from the timings.
 
     OMP_NUM_THREADS=2 python benchmarks/pretrain_step.py --arch resnet50 --size 224 --batch 32
-    PYTHONPATH=/tmp/mmpt python benchmarks/pretrain_step.py --device cuda --arch resnet50 --batch 64 --compile both
+    PYTHONPATH=/tmp/mmpt python benchmarks/pretrain_step.py --device cuda --arch resnet50 --size 224 --batch 64 --queue-len 65536
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from densebench.pretrain.model import DenseCL  # noqa: E402
+from densebench.pretrain.step import GraphedTrainStep, train_step  # noqa: E402
 from densebench.system import retain_freed_memory  # noqa: E402
 
 
@@ -52,29 +54,25 @@ def time_interleaved(steps, device, warmup: int, iters: int):
     return [statistics.median(bucket) for bucket in times]
 
 
-def our_step_fn(model, optimizer, im_q, im_k, perm, bf16, channels_last):
+def our_step_fn(model, optimizer, im_q, im_k, perm, bf16, channels_last, cuda_graph=False):
     if channels_last:
         im_q = im_q.contiguous(memory_format=torch.channels_last)
         im_k = im_k.contiguous(memory_format=torch.channels_last)
-
-    def step():
-        with torch.autocast(device_type=im_q.device.type, dtype=torch.bfloat16, enabled=bf16):
-            out = model(im_q, im_k, perm, 0.5)
-        optimizer.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        optimizer.step()
-    return step
+    if cuda_graph:
+        graphed = GraphedTrainStep(model, optimizer, bf16)
+        return lambda: graphed(im_q, im_k, perm, 0.5, 1)
+    return lambda: train_step(model, optimizer, im_q, im_k, perm, 0.5, 1, bf16)
 
 
-def compile_warmed(step, device: torch.device, calls: int = 3):
-    """Run the compiled step until both encoders' graphs (query forward + backward, key
-    no-grad forward) are built, so that compilation never falls into the timed iterations;
-    prints how long that took."""
+def warmed(step, device: torch.device, what: str, calls: int = 5):
+    """Run the step until its one-off work is done (torch.compile building both encoders'
+    graphs; the CUDA-graph step's eager steps and its capture), so that none of it falls into
+    the timed iterations; prints how long that took."""
     start = time.perf_counter()
     for _ in range(calls):
         step()
     sync(device)
-    print(f"torch.compile warm-up ({calls} steps): {time.perf_counter() - start:.1f} s (not timed)")
+    print(f"{what} warm-up ({calls} steps): {time.perf_counter() - start:.1f} s (not timed)")
     return step
 
 
@@ -103,8 +101,10 @@ def main() -> int:
                         help="ours: auto = on with CUDA, off on CPU")
     parser.add_argument("--bf16", choices=("auto", "on", "off"), default="auto", help="ours: auto = on with CUDA")
     parser.add_argument("--compile", choices=("auto", "on", "off", "both"), default="auto",
-                        help="ours with torch.compile'd encoders: both = time eager and compiled; "
-                             "auto = both with CUDA, off on CPU")
+                        help="ours with torch.compile'd encoders: both = time eager and compiled; auto = off")
+    parser.add_argument("--cuda-graph", choices=("auto", "on", "off", "both"), default="auto",
+                        help="ours replayed from a CUDA graph (GraphedTrainStep): both = time eager and "
+                             "graphed; auto = both with CUDA, off on CPU")
     args = parser.parse_args()
     retained = retain_freed_memory()          # as the densebench CLI does; both steps run in this process
     if args.threads:
@@ -138,18 +138,28 @@ def main() -> int:
     our_model = ours
     if channels_last:
         our_model = ours.to(memory_format=torch.channels_last)
-    compile_mode = ("both" if on_cuda else "off") if args.compile == "auto" else args.compile
-    variants = {"off": [False], "on": [True], "both": [False, True]}[compile_mode]
+    compile_mode = "off" if args.compile == "auto" else args.compile
+    graph_mode = ("both" if on_cuda else "off") if args.cuda_graph == "auto" else args.cuda_graph
+    if graph_mode != "off" and not on_cuda:
+        parser.error("--cuda-graph needs --device cuda")
+    variants = [(c, False) for c in {"off": [False], "on": [True], "both": [False, True]}[compile_mode]]
+    if graph_mode == "on":
+        variants = [(False, True)]
+    elif graph_mode == "both":
+        variants.append((False, True))
     steps, labels = [], []
-    for use_compile in variants:
-        model = copy.deepcopy(our_model) if len(variants) > 1 and use_compile else our_model
+    for use_compile, use_graph in variants:
+        model = copy.deepcopy(our_model) if len(variants) > 1 and (use_compile or use_graph) else our_model
         optimizer = torch.optim.SGD(model.query_parameters(), lr=0.03, momentum=0.9, weight_decay=1e-4)
-        step = our_step_fn(model, optimizer, im_q, im_k, perm, bf16, channels_last)
+        step = our_step_fn(model, optimizer, im_q, im_k, perm, bf16, channels_last, use_graph)
         if use_compile:
             model.compile_encoders()
-            step = compile_warmed(step, device)
+            step = warmed(step, device, "torch.compile", calls=3)
+        if use_graph:
+            step = warmed(step, device, "CUDA graph")
         steps.append(step)
-        labels.append(f"ours (bf16={bf16}, channels_last={channels_last}, compile={use_compile})")
+        labels.append(f"ours (bf16={bf16}, channels_last={channels_last}, "
+                      + ("CUDA graph)" if use_graph else f"compile={use_compile})"))
     if theirs is not None:
         their_params = [p for p in theirs.parameters() if p.requires_grad]
         their_opt = torch.optim.SGD(their_params, lr=0.03, momentum=0.9, weight_decay=1e-4)

@@ -15,7 +15,8 @@ from densebench.protocols.voc_svm_common import (REFERENCE_COSTS, SolverOptions,
                                                  class_ap_on_test, full_svm_sweep, lowshot_fit_and_test,
                                                  lowshot_groups,
                                                  lowshot_rng, ranking_ap, sample_lowshot_targets,
-                                                 synthetic_voc_features, voc_envelope_ap)
+                                                 scores_through_test_kernel, synthetic_voc_features,
+                                                 voc_envelope_ap)
 
 
 def test_reference_cost_grid():
@@ -277,6 +278,26 @@ def test_lowshot_union_route_equals_group_route_and_reuses_its_gram():
     narrow = [lowshot_fit_and_test(train_x[:, :50], samples, test_x[:, :50], test_t, costs,
                                    SolverOptions(lowshot_basis=route)) for route in ("group", "union")]
     assert abs(aggregate_lowshot(narrow[0], costs)["mAP"] - aggregate_lowshot(narrow[1], costs)["mAP"]) <= 0.01
+
+
+def test_lowshot_scores_through_the_test_kernel_equal_scores_through_the_weights():
+    train_x, train_t, test_x, test_t = synthetic_voc_features(200, 90, 512, seed=12, signal=0.3)
+    costs = REFERENCE_COSTS[::3]
+    samples = [sample_lowshot_targets(train_t, 1, random.Random(s)) for s in range(3)]
+    by_weights, by_kernel = (lowshot_fit_and_test(train_x, samples, test_x, test_t, costs,
+                                                  SolverOptions(lowshot_basis="group", lowshot_scoring=scoring,
+                                                                chunk_bytes=2 ** 20))
+                             for scoring in ("weights", "kernel"))
+    diff = np.abs(by_kernel - by_weights)
+    assert (diff > 1e-6).mean() <= 0.01 and diff.max() <= 0.01       # near-tied test scores may swap
+    reference = lowshot_fit_and_test(train_x, samples, test_x, test_t, costs, SolverOptions(backend="sklearn"))
+    assert abs(aggregate_lowshot(by_kernel, costs)["mAP"] - aggregate_lowshot(reference, costs)["mAP"]) <= 0.1
+    with pytest.raises(ValueError, match="lowshot_scoring"):
+        lowshot_fit_and_test(train_x, samples, test_x, test_t, costs,
+                             SolverOptions(lowshot_basis="union", lowshot_scoring="kernel"))
+    # VOC07 sizes, 1900 models: a few hundred used rows favour the kernel, all 5011 the weights
+    assert scores_through_test_kernel(1900, 20, 400, 8192, 4952)
+    assert not scores_through_test_kernel(1900, 1920, 5011, 8192, 4952)
 
 
 def test_lowshot_route_choice_on_voc07_sizes():

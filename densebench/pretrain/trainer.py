@@ -35,6 +35,7 @@ from densebench.errors import InputError
 from densebench.io import torch_save_atomic, write_json_atomic, write_text_atomic
 from densebench.pretrain.augment import AugmentConfig, two_views
 from densebench.pretrain.model import DenseCL, cosine_lr
+from densebench.pretrain.step import GraphedTrainStep, train_step
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ CHECKPOINT_KIND = {"kind": "densecl_pretrain", "version": 1}
 LOG_NAME = "log.jsonl"
 LATEST_NAME = "latest"
 # fields that may differ between a run and its resumption without changing the trajectory
-RESUME_FREE_FIELDS = ("workers", "checkpoint_interval", "keep_epoch_interval", "compile")
+RESUME_FREE_FIELDS = ("workers", "checkpoint_interval", "keep_epoch_interval", "compile", "cuda_graph")
 
 
 @dataclass
@@ -80,6 +81,9 @@ class PretrainConfig:
     # default: on an H200 (ResNet-50, batch 64, bf16 + channels_last) it gave 36.4 vs 36.1 ms/step
     # after an 88 s warm-up, i.e. no gain. None = on with CUDA, off on CPU.
     compile: Optional[bool] = False
+    # Replay each step from a CUDA graph (densebench.pretrain.step.GraphedTrainStep): same kernels,
+    # launched at once. None = on with CUDA in a single process without compile (not under DDP).
+    cuda_graph: Optional[bool] = None
     workers: int = 8                       # loader processes per rank
     checkpoint_interval: int = 1000        # iterations between checkpoints (plus one at every epoch end)
     keep_epoch_interval: int = 10          # epoch checkpoints kept every N epochs (reference interval, 1.6)
@@ -325,6 +329,15 @@ def resolve_compile(cfg: PretrainConfig, device: torch.device) -> bool:
     return device.type == "cuda" if cfg.compile is None else bool(cfg.compile)
 
 
+def resolve_cuda_graph(cfg: PretrainConfig, device: torch.device, use_compile: bool) -> bool:
+    """`cuda_graph` None means on where it applies: CUDA, one process, no torch.compile."""
+    applies = device.type == "cuda" and not dist_utils.is_dist() and not use_compile
+    if cfg.cuda_graph and not applies:
+        raise InputError(None, "pretrain.cuda_graph=true needs a CUDA device, a single process (no torchrun) "
+                               "and compile=false")
+    return applies if cfg.cuda_graph is None else bool(cfg.cuda_graph)
+
+
 def check_sizes(cfg: PretrainConfig, num_samples: int, data_hint: Optional[Path]) -> Tuple[int, int]:
     """(per-rank batch, ghost-BN groups per process); the sizes must divide evenly."""
     world = dist_utils.world_size()
@@ -354,6 +367,7 @@ def train(cfg: PretrainConfig, image_paths: Sequence[Path], work_dir: "str | Pat
     total_iters = cfg.epochs * steps_per_epoch
     bf16, channels_last = resolve_device_flags(cfg, device)
     use_compile = resolve_compile(cfg, device)
+    use_cuda_graph = resolve_cuda_graph(cfg, device, use_compile)
     main_process = dist_utils.is_main()
 
     seed_everything(cfg.seed)
@@ -389,6 +403,7 @@ def train(cfg: PretrainConfig, image_paths: Sequence[Path], work_dir: "str | Pat
             "config": config_dict(cfg), "preset": preset_label, "world_size": dist_utils.world_size(),
             "per_rank_batch": per_rank, "ghost_bn_groups_per_process": ghost_groups,
             "bf16": bf16, "channels_last": channels_last, "compile": use_compile,
+            "cuda_graph": use_cuda_graph,
             "device": dist_utils.device_description(device),
             "num_images": len(image_paths), "steps_per_epoch": steps_per_epoch, "total_iters": total_iters,
             **extra})
@@ -411,6 +426,8 @@ def train(cfg: PretrainConfig, image_paths: Sequence[Path], work_dir: "str | Pat
         # collectives / queue logic stay eager; the state dict keeps its names
         model.compile_encoders()
     net.train()
+    run_step = GraphedTrainStep(model, optimizer, bf16) if use_cuda_graph else (
+        lambda *inputs: train_step(net, optimizer, *inputs, bf16))
 
     sampler = ResumableBatchSampler(len(image_paths), cfg.batch_size, cfg.epochs, cfg.seed, start_iter,
                                     dist_utils.rank(), dist_utils.world_size())
@@ -441,11 +458,7 @@ def train(cfg: PretrainConfig, image_paths: Sequence[Path], work_dir: "str | Pat
                 im_q = im_q.contiguous(memory_format=torch.channels_last)
                 im_k = im_k.contiguous(memory_format=torch.channels_last)
             perm = shuffle_permutation(cfg.seed, iteration, cfg.batch_size)
-            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
-                out = net(im_q, im_k, perm, loss_lambda, ghost_groups)
-            optimizer.zero_grad(set_to_none=True)
-            out["loss"].backward()
-            optimizer.step()
+            out = run_step(im_q, im_k, perm, loss_lambda, ghost_groups)
             iteration += 1
 
             losses = torch.stack([out["loss_global"], out["loss_dense"]]).float()
