@@ -8,7 +8,8 @@ import pytest
 import torch
 from sklearn.metrics import average_precision_score
 
-from densebench.protocols.svm_solver import (KernelRows, SVMProblems, fit_svms, fit_svms_sklearn, gram_matrix,
+from densebench.protocols.svm_solver import (KernelRows, SVMProblems, augment_intercept, fit_svms, fit_svms_sklearn,
+                                             gram_matrix,
                                              l2_normalize, solve_kernel_newton, top_eigenpairs)
 from densebench.protocols.voc_svm_common import (REFERENCE_COSTS, SolverOptions, aggregate_lowshot,
                                                  batched_envelope_ap, batched_ranking_ap, cheaper_lowshot_route,
@@ -253,6 +254,21 @@ def test_kernel_solver_meets_the_primal_optimality_condition(rows, dim):
     grad = w - 2 * (row_costs * hinge * labels) @ xt
     grad0 = 2 * (row_costs * labels) @ xt
     assert (grad.norm(dim=1) <= 1e-8 * grad0.norm(dim=1)).all()
+
+
+def test_warm_start_with_some_problems_already_optimal():
+    """Half the problems start at their optimum: they leave the working set at the first step
+    (which used to fail writing the working copy back onto itself) and keep their optimum."""
+    rng = np.random.default_rng(0)
+    x = augment_intercept(torch.as_tensor(l2_normalize(rng.random((60, 30)))))
+    kernel = KernelRows.from_gram(gram_matrix(x))
+    labels = torch.as_tensor(np.where(rng.random((4, 60)) < 0.3, 1.0, -1.0))
+    costs = torch.full((4, 60), 0.5, dtype=torch.float64)
+    optimum = solve_kernel_newton(kernel, labels, costs)
+    start = optimum.clone()
+    start[2:] = 0
+    again = solve_kernel_newton(kernel, labels, costs, coef0=start)
+    assert torch.allclose(again, optimum, atol=1e-8)
 
 
 def test_lowshot_union_route_equals_group_route_and_reuses_its_gram():

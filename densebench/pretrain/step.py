@@ -83,7 +83,7 @@ class GraphedTrainStep:
         with torch.cuda.stream(side):
             out = train_step(self.model, self.optimizer, im_q, im_k, perm, loss_lambda, ghost_groups, self.bf16)
         torch.cuda.current_stream(im_q.device).wait_stream(side)
-        return out
+        return {name: value.detach() for name, value in out.items()}   # let the autograd graph go
 
     def capture(self, im_q, im_k, perm, loss_lambda, ghost_groups) -> None:
         """Record one step on fixed input buffers. Gradients are set to None first, so the
@@ -103,7 +103,8 @@ class GraphedTrainStep:
         with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             # autocast's weight-cast cache must be off inside a capture (cached casts would
             # outlive the graph's memory)
-            self.outputs = train_step(self.model, self.optimizer, static_q, static_k, static_perm,
-                                      loss_lambda, ghost_groups, self.bf16, autocast_cache=False)
+            out = train_step(self.model, self.optimizer, static_q, static_k, static_perm,
+                             loss_lambda, ghost_groups, self.bf16, autocast_cache=False)
+        self.outputs = {name: value.detach() for name, value in out.items()}
         self.graph = graph
         self.captures += 1

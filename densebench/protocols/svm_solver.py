@@ -37,7 +37,7 @@ The sklearn backend (`svm_backend: sklearn`) runs the reference `LinearSVC` fits
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
@@ -166,6 +166,16 @@ class KernelRows:
     gram: torch.Tensor                     # (G, N, N), the solver dtype (float64)
     top_values: torch.Tensor               # (G, k)
     top_vectors: torch.Tensor              # (G, N, k)
+    lowered: dict = field(default_factory=dict, repr=False)   # dtype -> gram in that dtype
+
+    def gram_in(self, dtype: torch.dtype) -> torch.Tensor:
+        """The Gram matrix in the CG products' dtype, converted once per KernelRows (the
+        warm-started costs of a sweep each call the solver on the same kernel)."""
+        if dtype == self.gram.dtype:
+            return self.gram
+        if dtype not in self.lowered:
+            self.lowered[dtype] = self.gram.to(dtype)
+        return self.lowered[dtype]
 
     @classmethod
     def from_gram(cls, gram: torch.Tensor, num_top: int = 4, iterations: int = 6) -> "KernelRows":
@@ -275,8 +285,10 @@ def solve_kernel_newton(kernel: KernelRows, labels: torch.Tensor, row_costs: tor
     groups = torch.arange(num_groups, device=labels.device)
     slots = torch.arange(num_problems, device=labels.device).expand(num_groups, -1)
     valid = torch.ones(num_groups, num_problems, dtype=torch.bool, device=labels.device)
-    kern, kern_lo, rdiag = kernel, gram_all.to(cg_dtype), residual_diag
-    c_t, y_t, m_t, b_t = row_costs, labels, margins, coef
+    kern, kern_lo, rdiag = kernel, kernel.gram_in(cg_dtype), residual_diag
+    # working copies: coef/margins receive them back when the working set shrinks (in-place
+    # writes from an alias of the destination would fail)
+    c_t, y_t, m_t, b_t = row_costs, labels, margins.clone(), coef.clone()
     g0 = None
     for _ in range(max_newton):
         viol = (1.0 - y_t * m_t).clamp(min=0) * (c_t > 0)
