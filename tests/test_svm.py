@@ -9,8 +9,7 @@ import torch
 from sklearn.metrics import average_precision_score
 
 from densebench.protocols.svm_solver import (KernelRows, SVMProblems, augment_intercept, fit_svms, fit_svms_sklearn,
-                                             gram_matrix,
-                                             l2_normalize, solve_kernel_newton, top_eigenpairs)
+                                             gram_matrix, l2_normalize, solve_kernel_newton, top_eigenpairs)
 from densebench.protocols.voc_svm_common import (REFERENCE_COSTS, SolverOptions, aggregate_lowshot,
                                                  batched_envelope_ap, batched_ranking_ap, cheaper_lowshot_route,
                                                  class_ap_on_test, full_svm_sweep, lowshot_fit_and_test,

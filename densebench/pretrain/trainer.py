@@ -333,7 +333,7 @@ def resolve_cuda_graph(cfg: PretrainConfig, device: torch.device, use_compile: b
     """`cuda_graph` None means on where it applies: CUDA, one process, no torch.compile."""
     applies = device.type == "cuda" and not dist_utils.is_dist() and not use_compile
     if cfg.cuda_graph and not applies:
-        raise InputError(None, "pretrain.cuda_graph=true needs a CUDA device, a single process (no torchrun) "
+        raise InputError(None, "cuda_graph=true needs a CUDA device, a single process (no torchrun) "
                                "and compile=false")
     return applies if cfg.cuda_graph is None else bool(cfg.cuda_graph)
 
