@@ -79,8 +79,9 @@ def ranking_ap(scores: np.ndarray, positives: np.ndarray) -> float:
 
 
 def _sorted_rows(scores: torch.Tensor, positives: torch.Tensor, keep: torch.Tensor):
-    """Sort each row by score, descending and stable, with the rows not kept moved to the end."""
-    scores = torch.where(keep, scores.to(torch.float64), torch.full_like(scores, float("-inf"), dtype=torch.float64))
+    """Sort each row by score, descending and stable, with the rows not kept moved to the end.
+    Sorted in the scores' own dtype: the order is the same as in float64, and float32 sorts faster."""
+    scores = torch.where(keep, scores, torch.full_like(scores, float("-inf")))
     sorted_scores, order = torch.sort(scores, dim=1, descending=True, stable=True)
     kept = torch.gather(keep, 1, order)
     pos = torch.gather(positives & keep, 1, order)
@@ -556,8 +557,14 @@ def _lowshot_torch(train_x, samples, test_x, test_targets, costs, options: Solve
             if test_kernel is not None:
                 scores = torch.bmm(coef.to(score_dtype), test_kernel[coef_rows]).reshape(-1, num_test) + bias
             else:
-                weights = coef.to(score_dtype) @ train_lo if coef_rows is None else \
-                    torch.bmm(coef.to(score_dtype), train_lo[coef_rows])                   # (g, costs, D)
+                weights = coef.to(score_dtype)
+                if coef_rows is not None and 4 * width >= len(used):
+                    # wide groups: one GEMM over all used rows beats gathering each group's rows
+                    dense = torch.zeros(*coef.shape[:2], len(used), dtype=score_dtype, device=device)
+                    weights = dense.scatter_add_(2, coef_rows[:, None, :].expand(coef.shape), weights)
+                    coef_rows = None
+                weights = weights @ train_lo if coef_rows is None else \
+                    torch.bmm(weights, train_lo[coef_rows])                                  # (g, costs, D)
                 scores = (test_lo @ weights.reshape(-1, dim).T).T + bias  # this operand order is faster on CPU
             classes = group_class[part].repeat_interleave(len(costs))
             aps[part] = batched_envelope_ap(scores, test_pos[classes], test_keep[classes]).reshape(-1, len(costs))
