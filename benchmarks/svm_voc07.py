@@ -16,8 +16,8 @@ OMP_NUM_THREADS=1 compares per core). Use --n/--dim to run smaller, --device cud
 --sklearn-procs P runs the reference one class per task in P single-threaded processes, as the
 reference scripts run one process per class; its time is then the sum of the tasks' times (the
 time of one core doing it all), divided by a measured contention factor (processes sharing the
-memory bandwidth run slower than one alone), and the pool's wall time is printed beside it. It makes the full-size reference fit inside a GPU
-session (one core: ~15 min for the full sweep alone).
+memory bandwidth run slower than one alone), and the pool's wall time is printed beside it. It
+makes the full-size reference fit inside a GPU session (one core: ~15 min for the full sweep alone).
 """
 from __future__ import annotations
 
@@ -105,6 +105,16 @@ def reference_in_pool(pool, sweep, num_classes: int):
     return aggregate_lowshot(np.concatenate([p[0] for p in parts], axis=2), REFERENCE_COSTS)["mAP"], seconds, fit
 
 
+def reference_result(ref, pool, sweep, num_classes: int, in_process):
+    """(mAP, seconds, fit seconds) of the reference for one sweep: in the pool, in this process
+    (in_process() returns the same triple), or Nones when the reference is skipped."""
+    if ref is None:
+        return None, None, None
+    if pool is not None:
+        return reference_in_pool(pool, sweep, num_classes)
+    return in_process()
+
+
 def report(name, ours, t_ours, fit_ours, ref, t_ref, fit_ref) -> None:
     print(f"{name:<13s} torch   {t_ours:9.2f} s (fit {fit_ours:8.2f} s)  mAP {ours:.3f}")
     if ref is not None:
@@ -153,13 +163,11 @@ def main() -> None:
     num_classes = train_t.shape[1]
     if not args.skip_full:
         fast, t_fast, f_fast = timed(lambda t: full_svm_sweep(train_x, train_t, test_x, test_t, options=ours, timings=t))
-        if ref is None:
-            slow_map, t_slow, f_slow = None, None, None
-        elif pool is not None:
-            slow_map, t_slow, f_slow = reference_in_pool(pool, "full", num_classes)
-        else:
-            slow, t_slow, f_slow = timed(lambda t: full_svm_sweep(train_x, train_t, test_x, test_t, options=ref, timings=t))
-            slow_map = slow.mean_ap
+        def full_in_process():
+            slow, seconds, fit = timed(lambda t: full_svm_sweep(train_x, train_t, test_x, test_t, options=ref,
+                                                                timings=t))
+            return slow.mean_ap, seconds, fit
+        slow_map, t_slow, f_slow = reference_result(ref, pool, "full", num_classes, full_in_process)
         report("full SVM", fast.mean_ap, t_fast, f_fast, slow_map, t_slow, f_slow)
     basis_cache: dict = {}
     totals = {"ours": [0.0, 0.0], "ref": [0.0, 0.0]}
@@ -170,13 +178,10 @@ def main() -> None:
             return lambda t: lowshot_fit_and_test(train_n, samples, test_n, test_t, REFERENCE_COSTS, options,
                                                   normalized=True, timings=t, basis_cache=cache)
         fast, t_fast, f_fast = timed(sweep(ours, basis_cache))
-        if ref is None:
-            slow_map, t_slow, f_slow = None, None, None
-        elif pool is not None:
-            slow_map, t_slow, f_slow = reference_in_pool(pool, k, num_classes)
-        else:
-            slow, t_slow, f_slow = timed(sweep(ref))
-            slow_map = aggregate_lowshot(slow, REFERENCE_COSTS)["mAP"]
+        def lowshot_in_process():
+            slow, seconds, fit = timed(sweep(ref))
+            return aggregate_lowshot(slow, REFERENCE_COSTS)["mAP"], seconds, fit
+        slow_map, t_slow, f_slow = reference_result(ref, pool, k, num_classes, lowshot_in_process)
         report(f"low-shot k={k}", aggregate_lowshot(fast, REFERENCE_COSTS)["mAP"], t_fast, f_fast,
                slow_map, t_slow, f_slow)
         totals["ours"] = [totals["ours"][0] + t_fast, totals["ours"][1] + f_fast]
