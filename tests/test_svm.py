@@ -308,11 +308,21 @@ def test_lowshot_scores_through_the_test_kernel_equal_scores_through_the_weights
     reference = lowshot_fit_and_test(train_x, samples, test_x, test_t, costs, SolverOptions(backend="sklearn"))
     assert abs(aggregate_lowshot(by_kernel, costs)["mAP"] - aggregate_lowshot(reference, costs)["mAP"]) <= 0.1
     with pytest.raises(ValueError, match="lowshot_scoring"):
-        lowshot_fit_and_test(train_x, samples, test_x, test_t, costs,
-                             SolverOptions(lowshot_basis="union", lowshot_scoring="kernel"))
-    # VOC07 sizes, 1900 models: a few hundred used rows favour the kernel, all 5011 the weights
-    assert scores_through_test_kernel(1900, 20, 400, 8192, 4952)
-    assert not scores_through_test_kernel(1900, 1920, 5011, 8192, 4952)
+        lowshot_fit_and_test(train_x, samples, test_x, test_t, costs, SolverOptions(lowshot_scoring="rows"))
+    # the union route scores through the kernel too, and a sweep keeps the kernel for the next k
+    cache: dict = {}
+    union = lowshot_fit_and_test(train_x, samples, test_x, test_t, costs,
+                                 SolverOptions(lowshot_basis="union", lowshot_scoring="kernel"), basis_cache=cache)
+    built = cache["test_kernel"]
+    assert built.shape == (200, 90)
+    diff = np.abs(union - by_weights)
+    assert (diff > 1e-6).mean() <= 0.01 and diff.max() <= 0.01
+    lowshot_fit_and_test(train_x, samples[:1], test_x, test_t, costs, SolverOptions(), basis_cache=cache)
+    assert cache["test_kernel"] is built
+    # VOC07 sizes, 1900 models: one call alone takes the weights; a sweep keeps the kernel
+    assert not scores_through_test_kernel(1900, 20, 5011, 8192, 4952, reused=False)
+    assert scores_through_test_kernel(1900, 20, 5011, 8192, 4952, reused=True)
+    assert scores_through_test_kernel(1900, 20, 400, 512, 4952, reused=False)     # few rows, few dims
 
 
 def test_lowshot_route_choice_on_voc07_sizes():
