@@ -9,7 +9,8 @@ import torch
 from sklearn.metrics import average_precision_score
 
 from densebench.protocols.svm_solver import (KernelRows, SVMProblems, augment_intercept, fit_svms, fit_svms_sklearn,
-                                             gram_matrix, l2_normalize, solve_kernel_newton, top_eigenpairs)
+                                             gram_matrix, l2_normalize, matmul, solve_kernel_newton,
+                                             top_eigenpairs)
 from densebench.protocols.voc_svm_common import (REFERENCE_COSTS, SolverOptions, aggregate_lowshot,
                                                  batched_envelope_ap, batched_ranking_ap, cheaper_lowshot_route,
                                                  class_ap_on_test, full_svm_sweep, lowshot_fit_and_test,
@@ -288,6 +289,11 @@ def test_lowshot_union_route_equals_group_route_and_reuses_its_gram():
                                  chunk_bytes=1), normalized=True, basis_cache=cache)
     assert cache["kernel"] is built                                  # not rebuilt for the next call
     np.testing.assert_allclose(again[0], union[0], atol=1e-6)
+    gram = cache["gram"]                                             # the group route takes its blocks
+    from_cache = lowshot_fit_and_test(train_x, samples, test_x, test_t, costs, SolverOptions(lowshot_basis="group"),
+                                      normalized=True, basis_cache=cache)
+    assert cache["gram"] is gram
+    np.testing.assert_allclose(from_cache, group, atol=1e-6)
     with pytest.raises(ValueError, match="lowshot_basis"):
         lowshot_fit_and_test(train_x, samples, test_x, test_t, costs, SolverOptions(lowshot_basis="rows"))
     narrow = [lowshot_fit_and_test(train_x[:, :50], samples, test_x[:, :50], test_t, costs,
@@ -344,3 +350,27 @@ def test_torch_pipelines_on_cuda_match_cpu():
     a = lowshot_fit_and_test(train_x, samples, test_x, test_t, REFERENCE_COSTS, SolverOptions())
     b = lowshot_fit_and_test(train_x, samples, test_x, test_t, REFERENCE_COSTS, SolverOptions(device="cuda"))
     assert np.abs(a - b).mean() <= 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_matmul_through_numpy_equals_torch_for_strided_and_batched_operands(dtype):
+    generator = torch.Generator().manual_seed(5)
+    a = torch.randn(3, 7, 11, generator=generator, dtype=dtype)
+    b = torch.randn(3, 11, 5, generator=generator, dtype=dtype)
+    start = torch.randn(11, 4, generator=generator, dtype=dtype).expand(3, 11, 4)     # stride 0: copied
+    for left, right in [(a, b), (a, b.transpose(1, 2).contiguous().transpose(1, 2)), (a, start),
+                        (a[0], b[0]), (a[:, ::2], b), (a, b[1])]:
+        out = matmul(left, right)
+        assert out.dtype == dtype
+        torch.testing.assert_close(out, torch.matmul(left, right))
+
+
+def test_blas_benchmark_runs_and_checks_the_products():
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "benchmarks/blas_products.py", "--scale", "0.01", "--repeats", "1"],
+                          cwd=root, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("torch / numpy") == 5

@@ -572,12 +572,13 @@ def _lowshot_torch(train_x, samples, test_x, test_targets, costs, options: Solve
         else:
             train_lo = train_rows.to(score_dtype)
             test_lo = _normalized_test_rows(test_x, device, score_dtype, normalized)
-    # One Gram matrix of all training rows serves the union route, and the group route once the
-    # groups' own Gram matrices would cost more; kept in basis_cache for the next k.
+    # One Gram matrix of all training rows serves the union route, and the group route when it is
+    # built already or the groups' own Gram matrices would cost more than one of the rows in use
+    # (then all rows: little more, and kept in basis_cache for the next k).
     budget = options.chunk_bytes or (4 * 2 ** 30 if device.type == "cuda" else 2 ** 30)
     gram_ready = basis_cache.get("key") == cache_key
     num_used = len(np.unique(rows_np[valid_np]))
-    if route == "union" or num_groups * width * width > num_used * num_used:
+    if route == "union" or gram_ready or num_groups * width * width > num_used * num_used:
         with _Timer(timings, "fit", device):
             if gram_ready:
                 gram = basis_cache["gram"]
