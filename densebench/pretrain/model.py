@@ -165,7 +165,7 @@ def info_nce(q: torch.Tensor, positive: torch.Tensor, queue: torch.Tensor, tempe
     concatenated and the divided copies of the logits, which with the paper's queue are
     32 * 49 x 65536 floats (411 MB) each for the dense loss. On CPU the logsumexp over the
     queue goes block by block (QueueLogSumExp): a ResNet-50 step at batch 32 on 2 threads took
-    12.1 s instead of 14.9 s (benchmarks/pretrain_step.py machine).
+    12.1 s instead of 14.9 s on the 2-core CI machine.
     """
     q_scaled = q / temperature
     pos = (q_scaled * positive).sum(dim=1)
