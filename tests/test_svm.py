@@ -147,11 +147,17 @@ def test_lowshot_matches_sklearn_reference_and_aggregation():
 
 # ----------------------------------------------------------------------------- batched torch paths
 
-def test_batched_aps_match_per_problem_definitions():
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_batched_aps_match_per_problem_definitions(dtype):
+    """float32 takes the packed-key sort of the low-shot test scores: ties (negative ones, and -0.0
+    beside +0.0) must keep column order, dropped rows must not count."""
     rng = np.random.default_rng(5)
     for i in range(40):
         n = int(rng.integers(2, 40))
-        scores = rng.integers(0, 4, (6, n)).astype(float) if i % 2 else rng.normal(size=(6, n))
+        scores = rng.integers(-2, 3, (6, n)).astype(float) if i % 2 else rng.normal(size=(6, n))
+        if i % 4 == 1:
+            scores *= 0.0                                            # +0.0 and -0.0 ties
+        scores = scores.astype(dtype)
         positives = rng.random((6, n)) < 0.3
         keep = rng.random((6, n)) < 0.8
         env = batched_envelope_ap(torch.tensor(scores), torch.tensor(positives), torch.tensor(keep)).numpy()

@@ -469,7 +469,7 @@ def lowshot_groups(samples: Sequence[np.ndarray]):
 
 
 def _torch_l2_normalize(x: torch.Tensor) -> torch.Tensor:
-    """l2_normalize on a float64 tensor (same formula, on the solver's device)."""
+    """l2_normalize on a tensor (same formula, in its dtype, on the solver's device)."""
     return x / (x.norm(dim=1, keepdim=True) + 1e-5)
 
 
@@ -641,9 +641,7 @@ def _normalized_test_rows(test_x: np.ndarray, device, score_dtype, normalized: b
     """The test rows in score_dtype, L2-normalised here unless already (they are only ranked, so
     score_dtype suffices)."""
     test_lo = torch.as_tensor(test_x, device=device).to(score_dtype)
-    if not normalized:
-        test_lo = test_lo / (torch.linalg.vector_norm(test_lo, dim=1, keepdim=True) + 1e-5)
-    return test_lo
+    return test_lo if normalized else _torch_l2_normalize(test_lo)
 
 
 def _test_kernel(train_rows: torch.Tensor, test_x: np.ndarray, device, score_dtype, normalized: bool):
