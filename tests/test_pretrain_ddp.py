@@ -31,7 +31,12 @@ from densebench.pretrain.trainer import read_log, read_training_images, train
 from test_pretrain_helpers import small_config, write_image_folder
 
 REPO = Path(__file__).resolve().parents[1]
-SETTINGS = dict(epochs=3, batch_size=8, bn_group_size=4, checkpoint_interval=0, keep_epoch_interval=1)
+# NCHW in both runs: the memory format is not what this test is about, and the tolerance of the
+# later steps below was calibrated with it. In channels_last (the trainer's default) step 1 agrees
+# to 1e-5 as well, but oneDNN's NHWC kernels round differently and by step 3 this ill-conditioned
+# setup has drifted 0.55% apart.
+SETTINGS = dict(epochs=3, batch_size=8, bn_group_size=4, checkpoint_interval=0, keep_epoch_interval=1,
+                channels_last=False)
 
 
 def _free_port() -> int:
@@ -48,7 +53,8 @@ def test_two_process_gloo_run_equals_single_process_run(tmp_path):
 
     sets = [f"{field}={value}" for field, value in vars(cfg).items()
             if field in {"arch", "epochs", "batch_size", "queue_len", "image_size", "feat_dim", "hid_dim",
-                         "bn_group_size", "workers", "checkpoint_interval", "keep_epoch_interval"}]
+                         "bn_group_size", "workers", "checkpoint_interval", "keep_epoch_interval",
+                         "channels_last"}]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
            "--master_addr=127.0.0.1", f"--master_port={_free_port()}",
            "-m", "densebench", "pretrain", "--data", str(data), "--work-dir", str(tmp_path / "ddp")]

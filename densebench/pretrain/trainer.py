@@ -76,7 +76,10 @@ class PretrainConfig:
     init_style: str = "fan_out"
     seed: int = 0
     bf16: Optional[bool] = None            # bf16 autocast; None: on with CUDA, off on CPU (reference: fp32)
-    channels_last: Optional[bool] = None   # None: on with CUDA
+    # channels_last activations and weights; None = on (CUDA and CPU). On the 2-core AMD EPYC CPU,
+    # ResNet-50 batch 32: 224 px 13.1 vs 14.6 s/step NCHW, 96 px 2.76 vs 3.02 s; resnet18 64 px
+    # (tiny preset) equal (0.42 s). oneDNN runs most convolutions faster in NHWC.
+    channels_last: Optional[bool] = None
     # torch.compile of both encoders' backbone + neck (queue / shuffle / enqueue stay eager). Off by
     # default: on an H200 (ResNet-50, batch 64, bf16 + channels_last) it gave 36.4 vs 36.1 ms/step
     # after an 88 s warm-up, i.e. no gain. None = on with CUDA, off on CPU.
@@ -320,7 +323,7 @@ def plot_loss_curve(records: List[dict], out_path: Path) -> None:
 def resolve_device_flags(cfg: PretrainConfig, device: torch.device) -> Tuple[bool, bool]:
     on_cuda = device.type == "cuda"
     bf16 = on_cuda if cfg.bf16 is None else bool(cfg.bf16)
-    channels_last = on_cuda if cfg.channels_last is None else bool(cfg.channels_last)
+    channels_last = True if cfg.channels_last is None else bool(cfg.channels_last)
     return bf16, channels_last
 
 
