@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from densebench.pretrain.model import DenseCL  # noqa: E402
 from densebench.pretrain.step import GraphedTrainStep, train_step  # noqa: E402
+from densebench.pretrain.trainer import PretrainConfig, resolve_device_flags  # noqa: E402
 from densebench.system import retain_freed_memory  # noqa: E402
 
 
@@ -98,8 +99,9 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto",
-                        help="ours: auto = on (the trainer's default on CUDA and CPU)")
-    parser.add_argument("--bf16", choices=("auto", "on", "off"), default="auto", help="ours: auto = on with CUDA")
+                        help="ours: auto = the trainer's default (on, CUDA and CPU)")
+    parser.add_argument("--bf16", choices=("auto", "on", "off"), default="auto",
+                        help="ours: auto = the trainer's default (on with CUDA)")
     parser.add_argument("--compile", choices=("auto", "on", "off", "both"), default="auto",
                         help="ours with torch.compile'd encoders: both = time eager and compiled; auto = off")
     parser.add_argument("--cuda-graph", choices=("auto", "on", "off", "both"), default="auto",
@@ -111,8 +113,9 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     on_cuda = device.type == "cuda"
-    bf16 = on_cuda if args.bf16 == "auto" else args.bf16 == "on"
-    channels_last = args.channels_last != "off"
+    default_bf16, default_channels_last = resolve_device_flags(PretrainConfig(), device)   # the trainer's
+    bf16 = default_bf16 if args.bf16 == "auto" else args.bf16 == "on"
+    channels_last = default_channels_last if args.channels_last == "auto" else args.channels_last == "on"
     if on_cuda:
         torch.backends.cudnn.benchmark = True
 
