@@ -36,6 +36,7 @@ from densebench.io import torch_save_atomic, write_json_atomic, write_text_atomi
 from densebench.pretrain.augment import AugmentConfig, two_views
 from densebench.pretrain.model import DenseCL, cosine_lr
 from densebench.pretrain.step import GraphedTrainStep, train_step
+from densebench.pretrain.winograd import set_winograd_weight_grad
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,11 @@ class PretrainConfig:
     # ResNet-50 batch 32: 224 px 13.1 vs 14.6 s/step NCHW, 96 px 2.76 vs 3.02 s; resnet18 64 px
     # (tiny preset) equal (0.42 s). oneDNN runs most convolutions faster in NHWC.
     channels_last: Optional[bool] = None
+    # Weight gradient of the large 3x3 stride-1 convolutions by Winograd F(4x4, 3x3) in float32 CPU
+    # training (densebench.pretrain.winograd); forward and input gradients stay oneDNN's, so losses
+    # are unchanged and weight gradients differ by rounding only. None = on with CPU, off with CUDA.
+    # ResNet-50 224 px batch 32, one encoder's forward + backward: 8.69 vs 9.17 s.
+    winograd_weight_grad: Optional[bool] = None
     # torch.compile of both encoders' backbone + neck (queue / shuffle / enqueue stay eager). Off by
     # default: on an H200 (ResNet-50, batch 64, bf16 + channels_last) it gave 36.4 vs 36.1 ms/step
     # after an 88 s warm-up, i.e. no gain. None = on with CUDA, off on CPU.
@@ -327,6 +333,11 @@ def resolve_device_flags(cfg: PretrainConfig, device: torch.device) -> Tuple[boo
     return bf16, channels_last
 
 
+def resolve_winograd(cfg: PretrainConfig, device: torch.device) -> bool:
+    """`winograd_weight_grad` None means on with CPU (it never applies to CUDA tensors)."""
+    return device.type == "cpu" if cfg.winograd_weight_grad is None else bool(cfg.winograd_weight_grad)
+
+
 def resolve_compile(cfg: PretrainConfig, device: torch.device) -> bool:
     """`compile` None means on with CUDA, off on CPU (inductor's CPU build is slow to warm up)."""
     return device.type == "cuda" if cfg.compile is None else bool(cfg.compile)
@@ -369,6 +380,7 @@ def train(cfg: PretrainConfig, image_paths: Sequence[Path], work_dir: "str | Pat
     steps_per_epoch = len(image_paths) // cfg.batch_size
     total_iters = cfg.epochs * steps_per_epoch
     bf16, channels_last = resolve_device_flags(cfg, device)
+    use_winograd = resolve_winograd(cfg, device)
     use_compile = resolve_compile(cfg, device)
     use_cuda_graph = resolve_cuda_graph(cfg, device, use_compile)
     main_process = dist_utils.is_main()
@@ -405,7 +417,8 @@ def train(cfg: PretrainConfig, image_paths: Sequence[Path], work_dir: "str | Pat
         write_json_atomic(work_dir / "config.json", {
             "config": config_dict(cfg), "preset": preset_label, "world_size": dist_utils.world_size(),
             "per_rank_batch": per_rank, "ghost_bn_groups_per_process": ghost_groups,
-            "bf16": bf16, "channels_last": channels_last, "compile": use_compile,
+            "bf16": bf16, "channels_last": channels_last, "winograd_weight_grad": use_winograd,
+            "compile": use_compile,
             "cuda_graph": use_cuda_graph,
             "device": dist_utils.device_description(device),
             "num_images": len(image_paths), "steps_per_epoch": steps_per_epoch, "total_iters": total_iters,
@@ -415,6 +428,7 @@ def train(cfg: PretrainConfig, image_paths: Sequence[Path], work_dir: "str | Pat
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
+    set_winograd_weight_grad(model, use_winograd)
     if dist_utils.is_dist():
         # broadcast_buffers=False as the reference's MMDistributedDataParallel: each rank keeps
         # its own BN running statistics, rank 0's are saved
