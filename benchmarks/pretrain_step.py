@@ -3,7 +3,7 @@
 Same batch, same threads, same backbone, same weights and queues, measured in one process;
 prints the time per step of each and the ratio (MMPreTrain time / ours). MMPreTrain runs as
 its published config does (fp32, NCHW); ours runs with the trainer's defaults for the device
-(channels_last; bf16 autocast on CUDA, fp32 and Winograd weight gradients on CPU).
+(channels_last; bf16 autocast on CUDA, fp32 and our own conv weight gradients on CPU).
 Without mmpretrain importable, only our timings are printed (and the ratio against our own
 step in plain fp32 NCHW). On CUDA ours is timed eager and replayed from a CUDA graph
 (GraphedTrainStep, what the trainer runs on one GPU; `--cuda-graph`); `--compile both` adds ours
@@ -27,10 +27,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from densebench.pretrain.conv_grad import set_fast_weight_grad  # noqa: E402
 from densebench.pretrain.model import DenseCL  # noqa: E402
 from densebench.pretrain.step import GraphedTrainStep, train_step  # noqa: E402
-from densebench.pretrain.trainer import PretrainConfig, resolve_device_flags, resolve_winograd  # noqa: E402
-from densebench.pretrain.winograd import set_winograd_weight_grad  # noqa: E402
+from densebench.pretrain.trainer import PretrainConfig, resolve_device_flags, resolve_fast_weight_grad  # noqa: E402
 from densebench.system import retain_freed_memory  # noqa: E402
 
 
@@ -103,9 +103,9 @@ def main() -> int:
                         help="ours: auto = the trainer's default (on, CUDA and CPU)")
     parser.add_argument("--bf16", choices=("auto", "on", "off"), default="auto",
                         help="ours: auto = the trainer's default (on with CUDA)")
-    parser.add_argument("--winograd", choices=("auto", "on", "off"), default="auto",
-                        help="ours: Winograd weight gradients of 3x3 convolutions; auto = the trainer's "
-                             "default (on with CPU)")
+    parser.add_argument("--fast-weight-grad", choices=("auto", "on", "off"), default="auto",
+                        help="ours: conv weight gradients by our own GEMMs (densebench.pretrain.conv_grad); "
+                             "auto = the trainer's default (on with CPU)")
     parser.add_argument("--compile", choices=("auto", "on", "off", "both"), default="auto",
                         help="ours with torch.compile'd encoders: both = time eager and compiled; auto = off")
     parser.add_argument("--cuda-graph", choices=("auto", "on", "off", "both"), default="auto",
@@ -120,8 +120,8 @@ def main() -> int:
     default_bf16, default_channels_last = resolve_device_flags(PretrainConfig(), device)   # the trainer's
     bf16 = default_bf16 if args.bf16 == "auto" else args.bf16 == "on"
     channels_last = default_channels_last if args.channels_last == "auto" else args.channels_last == "on"
-    winograd = (resolve_winograd(PretrainConfig(), device) if args.winograd == "auto"
-                else args.winograd == "on")
+    fast_weight_grad = (resolve_fast_weight_grad(PretrainConfig(), device) if args.fast_weight_grad == "auto"
+                        else args.fast_weight_grad == "on")
     if on_cuda:
         torch.backends.cudnn.benchmark = True
 
@@ -147,7 +147,7 @@ def main() -> int:
     our_model = ours
     if channels_last:
         our_model = ours.to(memory_format=torch.channels_last)
-    set_winograd_weight_grad(our_model, winograd)
+    set_fast_weight_grad(our_model, fast_weight_grad)
     compile_mode = "off" if args.compile == "auto" else args.compile
     graph_mode = ("both" if on_cuda else "off") if args.cuda_graph == "auto" else args.cuda_graph
     if graph_mode != "off" and not on_cuda:
@@ -168,7 +168,7 @@ def main() -> int:
         if use_graph:
             step = warmed(step, device, "CUDA graph")
         steps.append(step)
-        labels.append(f"ours (bf16={bf16}, channels_last={channels_last}, winograd={winograd}, "
+        labels.append(f"ours (bf16={bf16}, channels_last={channels_last}, fast_weight_grad={fast_weight_grad}, "
                       + ("CUDA graph)" if use_graph else f"compile={use_compile})"))
     if theirs is not None:
         their_params = [p for p in theirs.parameters() if p.requires_grad]

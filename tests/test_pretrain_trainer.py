@@ -152,7 +152,7 @@ def test_tiny_preset_loss_falls_on_synthetic_data(synth_root, tmp_path):
     records = read_log(tmp_path / "log.jsonl")
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["preset"] == "tiny" and config["config"]["arch"] == "resnet18"
-    assert config["winograd_weight_grad"] is True and config["channels_last"] is True   # the CPU defaults
+    assert config["fast_weight_grad"] is True and config["channels_last"] is True   # the CPU defaults
     filled = config["config"]["queue_len"] // config["config"]["batch_size"]
     losses = [r["loss"] for r in records]
     assert len(losses) >= filled + 20

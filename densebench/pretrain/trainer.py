@@ -34,9 +34,9 @@ from densebench.config import config_dict, make_config, parse_set_options
 from densebench.errors import InputError
 from densebench.io import torch_save_atomic, write_json_atomic, write_text_atomic
 from densebench.pretrain.augment import AugmentConfig, two_views
+from densebench.pretrain.conv_grad import set_fast_weight_grad
 from densebench.pretrain.model import DenseCL, cosine_lr
 from densebench.pretrain.step import GraphedTrainStep, train_step
-from densebench.pretrain.winograd import set_winograd_weight_grad
 
 log = logging.getLogger(__name__)
 
@@ -81,11 +81,12 @@ class PretrainConfig:
     # ResNet-50 batch 32: 224 px 13.1 vs 14.6 s/step NCHW, 96 px 2.76 vs 3.02 s; resnet18 64 px
     # (tiny preset) equal (0.42 s). oneDNN runs most convolutions faster in NHWC.
     channels_last: Optional[bool] = None
-    # Weight gradient of the large 3x3 stride-1 convolutions by Winograd F(4x4, 3x3) in float32 CPU
-    # training (densebench.pretrain.winograd); forward and input gradients stay oneDNN's, so losses
-    # are unchanged and weight gradients differ by rounding only. None = on with CPU, off with CUDA.
-    # ResNet-50 224 px batch 32, one encoder's forward + backward: 8.69 vs 9.17 s.
-    winograd_weight_grad: Optional[bool] = None
+    # Weight gradients of the backbone's 3x3 and 1x1 convolutions by our own GEMMs (Winograd F(4x4,3x3),
+    # im2col, plain GEMM; densebench.pretrain.conv_grad) in float32 CPU training, where they measured
+    # faster than oneDNN's. Forward and input gradients stay oneDNN's, so losses are unchanged and
+    # weight gradients differ by rounding only. None = on with CPU, off with CUDA. ResNet-50 224 px
+    # batch 32, one encoder's forward + backward: 7.71 vs 8.99 s (2-core AMD EPYC).
+    fast_weight_grad: Optional[bool] = None
     # torch.compile of both encoders' backbone + neck (queue / shuffle / enqueue stay eager). Off by
     # default: on an H200 (ResNet-50, batch 64, bf16 + channels_last) it gave 36.4 vs 36.1 ms/step
     # after an 88 s warm-up, i.e. no gain. None = on with CUDA, off on CPU.
@@ -333,9 +334,9 @@ def resolve_device_flags(cfg: PretrainConfig, device: torch.device) -> Tuple[boo
     return bf16, channels_last
 
 
-def resolve_winograd(cfg: PretrainConfig, device: torch.device) -> bool:
-    """`winograd_weight_grad` None means on with CPU (it never applies to CUDA tensors)."""
-    return device.type == "cpu" if cfg.winograd_weight_grad is None else bool(cfg.winograd_weight_grad)
+def resolve_fast_weight_grad(cfg: PretrainConfig, device: torch.device) -> bool:
+    """`fast_weight_grad` None means on with CPU (it never applies to CUDA tensors)."""
+    return device.type == "cpu" if cfg.fast_weight_grad is None else bool(cfg.fast_weight_grad)
 
 
 def resolve_compile(cfg: PretrainConfig, device: torch.device) -> bool:
@@ -380,7 +381,7 @@ def train(cfg: PretrainConfig, image_paths: Sequence[Path], work_dir: "str | Pat
     steps_per_epoch = len(image_paths) // cfg.batch_size
     total_iters = cfg.epochs * steps_per_epoch
     bf16, channels_last = resolve_device_flags(cfg, device)
-    use_winograd = resolve_winograd(cfg, device)
+    use_fast_weight_grad = resolve_fast_weight_grad(cfg, device)
     use_compile = resolve_compile(cfg, device)
     use_cuda_graph = resolve_cuda_graph(cfg, device, use_compile)
     main_process = dist_utils.is_main()
@@ -417,7 +418,7 @@ def train(cfg: PretrainConfig, image_paths: Sequence[Path], work_dir: "str | Pat
         write_json_atomic(work_dir / "config.json", {
             "config": config_dict(cfg), "preset": preset_label, "world_size": dist_utils.world_size(),
             "per_rank_batch": per_rank, "ghost_bn_groups_per_process": ghost_groups,
-            "bf16": bf16, "channels_last": channels_last, "winograd_weight_grad": use_winograd,
+            "bf16": bf16, "channels_last": channels_last, "fast_weight_grad": use_fast_weight_grad,
             "compile": use_compile,
             "cuda_graph": use_cuda_graph,
             "device": dist_utils.device_description(device),
@@ -428,7 +429,7 @@ def train(cfg: PretrainConfig, image_paths: Sequence[Path], work_dir: "str | Pat
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    set_winograd_weight_grad(model, use_winograd)
+    set_fast_weight_grad(model, use_fast_weight_grad)
     if dist_utils.is_dist():
         # broadcast_buffers=False as the reference's MMDistributedDataParallel: each rank keeps
         # its own BN running statistics, rank 0's are saved
