@@ -103,9 +103,9 @@ def main() -> int:
                         help="ours: auto = the trainer's default (on, CUDA and CPU)")
     parser.add_argument("--bf16", choices=("auto", "on", "off"), default="auto",
                         help="ours: auto = the trainer's default (on with CUDA)")
-    parser.add_argument("--fast-weight-grad", choices=("auto", "on", "off"), default="auto",
+    parser.add_argument("--fast-weight-grad", choices=("auto", "on", "off", "both"), default="auto",
                         help="ours: conv weight gradients by our own GEMMs (densebench.pretrain.conv_grad); "
-                             "auto = the trainer's default (on with CPU)")
+                             "both = time ours with and without; auto = the trainer's default (on with CPU)")
     parser.add_argument("--compile", choices=("auto", "on", "off", "both"), default="auto",
                         help="ours with torch.compile'd encoders: both = time eager and compiled; auto = off")
     parser.add_argument("--cuda-graph", choices=("auto", "on", "off", "both"), default="auto",
@@ -121,7 +121,7 @@ def main() -> int:
     bf16 = default_bf16 if args.bf16 == "auto" else args.bf16 == "on"
     channels_last = default_channels_last if args.channels_last == "auto" else args.channels_last == "on"
     fast_weight_grad = (resolve_fast_weight_grad(PretrainConfig(), device) if args.fast_weight_grad == "auto"
-                        else args.fast_weight_grad == "on")
+                        else args.fast_weight_grad in ("on", "both"))
     if on_cuda:
         torch.backends.cudnn.benchmark = True
 
@@ -157,9 +157,14 @@ def main() -> int:
         variants = [(False, True)]
     elif graph_mode == "both":
         variants.append((False, True))
+    variants = [(use_compile, use_graph, fast_weight_grad) for use_compile, use_graph in variants]
+    if args.fast_weight_grad == "both":
+        variants.append((False, False, False))
     steps, labels = [], []
-    for use_compile, use_graph in variants:
-        model = copy.deepcopy(our_model) if len(variants) > 1 and (use_compile or use_graph) else our_model
+    for use_compile, use_graph, fast in variants:
+        changed = use_compile or use_graph or fast != fast_weight_grad
+        model = copy.deepcopy(our_model) if len(variants) > 1 and changed else our_model
+        set_fast_weight_grad(model, fast)
         optimizer = torch.optim.SGD(model.query_parameters(), lr=0.03, momentum=0.9, weight_decay=1e-4)
         step = our_step_fn(model, optimizer, im_q, im_k, perm, bf16, channels_last, use_graph)
         if use_compile:
@@ -168,7 +173,7 @@ def main() -> int:
         if use_graph:
             step = warmed(step, device, "CUDA graph")
         steps.append(step)
-        labels.append(f"ours (bf16={bf16}, channels_last={channels_last}, fast_weight_grad={fast_weight_grad}, "
+        labels.append(f"ours (bf16={bf16}, channels_last={channels_last}, fast_weight_grad={fast}, "
                       + ("CUDA graph)" if use_graph else f"compile={use_compile})"))
     if theirs is not None:
         their_params = [p for p in theirs.parameters() if p.requires_grad]

@@ -15,6 +15,10 @@ where it measured faster (`weight_grad_method`):
 - 1x1 stride 1: the gradient is one GEMM, grad_out^T @ x, on the NHWC tensors as they lie (no copy).
   Measured 1.1-1.4x faster than oneDNN on maps of 28x28 and smaller.
 
+Together, in one ResNet-50 forward + backward (batch 32, 224 px, NHWC, 2 threads, medians of 8 alternating runs):
+7.71 s against 8.99 s with oneDNN's weight gradients (Winograd alone: 8.37 s). At the tiny preset's size
+(ResNet-18, 64 px, batch 16) the two take the same time.
+
 Only weight gradients change. The forward pass and the input gradient are oneDNN's, so losses are bit-identical
 with and without this. Weight gradients differ from oneDNN's by rounding: Winograd's largest error against float64 is
 about 5e-6 of the largest entry (oneDNN's own 1e-6 to 8e-6), and the GEMMs' is below 1e-6.
