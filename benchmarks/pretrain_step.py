@@ -120,7 +120,7 @@ def main() -> int:
     default_bf16, default_channels_last = resolve_device_flags(PretrainConfig(), device)   # the trainer's
     bf16 = default_bf16 if args.bf16 == "auto" else args.bf16 == "on"
     channels_last = default_channels_last if args.channels_last == "auto" else args.channels_last == "on"
-    fast_weight_grad = (resolve_fast_weight_grad(PretrainConfig(), device) if args.fast_weight_grad == "auto"
+    fast_weight_grad = (resolve_fast_weight_grad(PretrainConfig(), device, bf16) if args.fast_weight_grad == "auto"
                         else args.fast_weight_grad in ("on", "both"))
     if on_cuda:
         torch.backends.cudnn.benchmark = True

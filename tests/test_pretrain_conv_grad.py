@@ -177,3 +177,14 @@ def test_switch_leaves_no_grad_and_frozen_convolutions_alone(monkeypatch):
     conv.weight.requires_grad_(True)
     net(x).sum().backward()
     assert calls == [("winograd_weight_grad", (4, 8, 16, 16))]
+
+
+def test_trainer_resolves_the_option_to_float32_cpu_only():
+    from densebench.pretrain.trainer import PretrainConfig, resolve_fast_weight_grad
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_fast_weight_grad(PretrainConfig(), cpu, bf16=False) is True
+    assert resolve_fast_weight_grad(PretrainConfig(fast_weight_grad=True), cpu, bf16=False) is True
+    assert resolve_fast_weight_grad(PretrainConfig(fast_weight_grad=False), cpu, bf16=False) is False
+    assert resolve_fast_weight_grad(PretrainConfig(), cpu, bf16=True) is False      # autocast: oneDNN's
+    assert resolve_fast_weight_grad(PretrainConfig(fast_weight_grad=True), cuda, bf16=False) is False

@@ -82,11 +82,11 @@ class PretrainConfig:
     # (tiny preset) equal (0.42 s). oneDNN runs most convolutions faster in NHWC.
     channels_last: Optional[bool] = None
     # Weight gradients of the backbone's 3x3 and 1x1 convolutions by our own GEMMs (Winograd F(4x4,3x3),
-    # im2col, plain GEMM; densebench.pretrain.conv_grad) in float32 CPU training, where they measured
-    # faster than oneDNN's. Forward and input gradients stay oneDNN's, so losses are unchanged and
-    # weight gradients differ by rounding only. None = on with CPU, off with CUDA. ResNet-50 224 px
-    # batch 32 on a 2-core AMD EPYC: one encoder's forward + backward 7.71 vs 8.99 s, the whole
-    # DenseCL step 12.44 vs 13.33 s; resnet18 64 px (tiny preset) equal.
+    # im2col, plain GEMM; densebench.pretrain.conv_grad) where they measured faster than oneDNN's.
+    # Forward and input gradients stay oneDNN's, so losses are unchanged and weight gradients
+    # differ by rounding only. None or True = on in float32 CPU training (never on CUDA or under
+    # bf16), False = off. ResNet-50 224 px batch 32 on a 2-core AMD EPYC: one encoder's forward +
+    # backward 7.71 vs 8.99 s, the whole DenseCL step 12.44 vs 13.33 s; resnet18 64 px (tiny preset) equal.
     fast_weight_grad: Optional[bool] = None
     # torch.compile of both encoders' backbone + neck (queue / shuffle / enqueue stay eager). Off by
     # default: on an H200 (ResNet-50, batch 64, bf16 + channels_last) it gave 36.4 vs 36.1 ms/step
@@ -335,9 +335,10 @@ def resolve_device_flags(cfg: PretrainConfig, device: torch.device) -> Tuple[boo
     return bf16, channels_last
 
 
-def resolve_fast_weight_grad(cfg: PretrainConfig, device: torch.device) -> bool:
-    """`fast_weight_grad` None means on with CPU (it never applies to CUDA tensors)."""
-    return device.type == "cpu" if cfg.fast_weight_grad is None else bool(cfg.fast_weight_grad)
+def resolve_fast_weight_grad(cfg: PretrainConfig, device: torch.device, bf16: bool) -> bool:
+    """Whether our own conv weight gradients run: float32 CPU training unless turned off (None
+    and True alike). They never apply to CUDA tensors or under bf16 autocast, and are then recorded as off."""
+    return device.type == "cpu" and not bf16 and cfg.fast_weight_grad is not False
 
 
 def resolve_compile(cfg: PretrainConfig, device: torch.device) -> bool:
@@ -382,7 +383,7 @@ def train(cfg: PretrainConfig, image_paths: Sequence[Path], work_dir: "str | Pat
     steps_per_epoch = len(image_paths) // cfg.batch_size
     total_iters = cfg.epochs * steps_per_epoch
     bf16, channels_last = resolve_device_flags(cfg, device)
-    use_fast_weight_grad = resolve_fast_weight_grad(cfg, device)
+    use_fast_weight_grad = resolve_fast_weight_grad(cfg, device, bf16)
     use_compile = resolve_compile(cfg, device)
     use_cuda_graph = resolve_cuda_graph(cfg, device, use_compile)
     main_process = dist_utils.is_main()
