@@ -105,7 +105,7 @@ def main() -> int:
                         help="ours: auto = the trainer's default (on with CUDA)")
     parser.add_argument("--fast-weight-grad", choices=("auto", "on", "off", "both"), default="auto",
                         help="ours: conv weight gradients by our own GEMMs (densebench.pretrain.conv_grad); "
-                             "both = time ours with and without; auto = the trainer's default (on with CPU)")
+                             "both = time ours with and without; auto/on = the trainer's default (on in fp32 on CPU)")
     parser.add_argument("--compile", choices=("auto", "on", "off", "both"), default="auto",
                         help="ours with torch.compile'd encoders: both = time eager and compiled; auto = off")
     parser.add_argument("--cuda-graph", choices=("auto", "on", "off", "both"), default="auto",
@@ -120,8 +120,8 @@ def main() -> int:
     default_bf16, default_channels_last = resolve_device_flags(PretrainConfig(), device)   # the trainer's
     bf16 = default_bf16 if args.bf16 == "auto" else args.bf16 == "on"
     channels_last = default_channels_last if args.channels_last == "auto" else args.channels_last == "on"
-    fast_weight_grad = (resolve_fast_weight_grad(PretrainConfig(), device, bf16) if args.fast_weight_grad == "auto"
-                        else args.fast_weight_grad in ("on", "both"))
+    # the trainer's rule: only in float32 CPU training (on/both cannot force it onto CUDA or bf16)
+    fast_weight_grad = args.fast_weight_grad != "off" and resolve_fast_weight_grad(PretrainConfig(), device, bf16)
     if on_cuda:
         torch.backends.cudnn.benchmark = True
 
@@ -147,7 +147,6 @@ def main() -> int:
     our_model = ours
     if channels_last:
         our_model = ours.to(memory_format=torch.channels_last)
-    set_fast_weight_grad(our_model, fast_weight_grad)
     compile_mode = "off" if args.compile == "auto" else args.compile
     graph_mode = ("both" if on_cuda else "off") if args.cuda_graph == "auto" else args.cuda_graph
     if graph_mode != "off" and not on_cuda:
@@ -158,7 +157,7 @@ def main() -> int:
     elif graph_mode == "both":
         variants.append((False, True))
     variants = [(use_compile, use_graph, fast_weight_grad) for use_compile, use_graph in variants]
-    if args.fast_weight_grad == "both":
+    if args.fast_weight_grad == "both" and fast_weight_grad:
         variants.append((False, False, False))
     steps, labels = [], []
     for use_compile, use_graph, fast in variants:

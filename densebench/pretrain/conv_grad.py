@@ -55,6 +55,11 @@ def _filter_back(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     return _FILTER_BACK[key]
 
 
+def _nhwc(t: torch.Tensor) -> torch.Tensor:
+    """(N, H, W, C) view of an (N, C, H, W) tensor; free for channels_last, one copy for NCHW."""
+    return t.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
+
+
 def _every_fourth(t: torch.Tensor, dim: int, start: int, count: int) -> torch.Tensor:
     """Elements start, start + 4, ... (count of them) along dim, as a view."""
     return t.narrow(dim, start, TILE * (count - 1) + 1)[(slice(None),) * dim + (slice(None, None, TILE),)]
@@ -107,15 +112,11 @@ def output_grad_transform(g: torch.Tensor, dim: int) -> torch.Tensor:
 
 def winograd_weight_grad(x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
     """d(loss)/d(weight) of conv2d(x, weight, stride=1, padding=1) for a 3x3 weight, given the
-    output gradient; float32 (K, C, 3, 3) in NCHW-contiguous order.
-
-    x (N, C, H, W) and grad_out (N, K, H, W) are used as NHWC (channels_last is free, NCHW is copied once).
-    """
+    output gradient; (K, C, 3, 3), a view (the caller copies it into the weight's layout)."""
     n, c, h, w = x.shape
     k = grad_out.shape[1]
     rows, cols = -(-h // TILE), -(-w // TILE)
-    x_nhwc = x.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
-    g_nhwc = grad_out.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
+    x_nhwc, g_nhwc = _nhwc(x), _nhwc(grad_out)
     # zero padding: 1 before (the convolution's own), and after up to whole tiles
     x_pad = F.pad(x_nhwc, (0, 0, 1, TILE * cols + 1 - w, 1, TILE * rows + 1 - h))
     if rows * TILE != h or cols * TILE != w:
@@ -126,7 +127,7 @@ def winograd_weight_grad(x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tenso
     g_tiles = output_grad_transform(output_grad_transform(g_nhwc, 1), 3).view(SPAN * SPAN, tiles, k)
     products = torch.bmm(x_tiles.transpose(1, 2), g_tiles)                     # (36, C, K)
     taps = _filter_back(x.device, x.dtype) @ products.view(SPAN * SPAN, c * k)  # (9, C*K), (col, row) order
-    return taps.view(3, 3, c, k).permute(3, 2, 1, 0).contiguous()
+    return taps.view(3, 3, c, k).permute(3, 2, 1, 0)
 
 
 def im2col_weight_grad(x: torch.Tensor, grad_out: torch.Tensor, stride: int) -> torch.Tensor:
@@ -134,21 +135,21 @@ def im2col_weight_grad(x: torch.Tensor, grad_out: torch.Tensor, stride: int) -> 
     x copied side by side into a (pixels x 9C) matrix, then one GEMM with grad_out."""
     n, c = x.shape[:2]
     k, out_h, out_w = grad_out.shape[1:]
-    x_pad = F.pad(x.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1), (0, 0, 1, 1, 1, 1))
+    x_pad = F.pad(_nhwc(x), (0, 0, 1, 1, 1, 1))
     columns = x.new_empty(n, out_h, out_w, 9, c)
     for r in range(3):
         for s in range(3):
             columns[:, :, :, 3 * r + s].copy_(
                 x_pad[:, r:r + stride * (out_h - 1) + 1:stride, s:s + stride * (out_w - 1) + 1:stride])
-    g = grad_out.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1).reshape(-1, k)
+    g = _nhwc(grad_out).reshape(-1, k)
     return (g.t() @ columns.view(-1, 9 * c)).view(k, 3, 3, c).permute(0, 3, 1, 2)
 
 
 def gemm_weight_grad_1x1(x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
     """d(loss)/d(weight) of a 1x1 stride-1 convolution: grad_out^T @ x over all pixels."""
     c, k = x.shape[1], grad_out.shape[1]
-    x_rows = x.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1).reshape(-1, c)
-    g_rows = grad_out.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1).reshape(-1, k)
+    x_rows = _nhwc(x).reshape(-1, c)
+    g_rows = _nhwc(grad_out).reshape(-1, k)
     return (g_rows.t() @ x_rows).view(k, c, 1, 1)
 
 
