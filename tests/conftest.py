@@ -13,6 +13,9 @@ REALDATA = Path(os.environ.get("DENSEBENCH_REALDATA", REPO_ROOT / "tests" / "dat
 
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
 
+# tests/peer/ runs only in .venv-peer through scripts/run_peer_tests.sh (which sets DENSEBENCH_PEER=1).
+collect_ignore = [] if os.environ.get("DENSEBENCH_PEER") == "1" else ["peer"]
+
 
 @pytest.fixture(scope="session")
 def realdata() -> Path:
