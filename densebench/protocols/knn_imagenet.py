@@ -8,7 +8,9 @@ The top max(k) neighbours are found once; every k uses a prefix of that list.
 Memory is bounded: queries go in chunks of `query_chunk` rows and the bank in chunks of
 `bank_chunk` rows, keeping only a running top-max(k) per query. Works for any number of
 queries (the reference splits the queries into 100 chunks and fails below 100). When the bank
-has fewer rows than a k, that k uses the whole bank (recorded in `extra`).
+has fewer rows than a k, that k uses the whole bank (recorded in `extra`). Neighbours with equal
+similarity are taken in bank order (lower index first), so the answer does not depend on the
+chunk sizes (tests/test_knn.py checks it against a dense numpy kNN).
 Ranking ties among classes with equal votes (e.g. zero-vote classes filling a top-5) are
 broken by the lower class index (the reference's order there is unspecified).
 """
@@ -22,6 +24,7 @@ import torch
 
 from densebench.data.imagenet import read_imagenet
 from densebench.data.layout import imagenet_root
+from densebench.errors import InputError
 from densebench.evaluate.context import ProtocolOutput, RunContext
 from densebench.evaluate.features import GAP, extract_features, knn_preprocess, save_feature_file
 
@@ -47,20 +50,34 @@ def normalize_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def topk_neighbours(bank: torch.Tensor, queries: torch.Tensor, k: int, bank_chunk: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(similarities, bank indices) of the k most similar bank rows per query, descending."""
+    """(similarities, bank indices) of the k most similar bank rows per query, most similar first.
+
+    Equal similarities go to the lower bank index, so the neighbours (and every k's prefix of
+    them) are the same for any bank_chunk: the running best list is re-ranked after every block,
+    including when it holds exactly k rows (k clipped to the bank size).
+    """
     best_sim = torch.empty(queries.shape[0], 0, device=queries.device)
     best_idx = torch.empty(queries.shape[0], 0, dtype=torch.long, device=queries.device)
     for start in range(0, bank.shape[0], bank_chunk):
         block = bank[start:start + bank_chunk].to(queries.device, non_blocking=True)
-        sims = queries @ block.T
-        take = min(k, sims.shape[1])
-        sim, idx = sims.topk(take, dim=1)
-        best_sim = torch.cat([best_sim, sim], dim=1)
-        best_idx = torch.cat([best_idx, idx + start], dim=1)
-        if best_sim.shape[1] > k:
-            best_sim, order = best_sim.topk(k, dim=1)
-            best_idx = best_idx.gather(1, order)
+        block_idx = torch.arange(start, start + block.shape[0], device=queries.device).expand(queries.shape[0], -1)
+        # columns stay in bank order among equal similarities: earlier best rows have lower indices
+        best_sim, best_idx = _top_in_column_order(torch.cat([best_sim, queries @ block.T], dim=1),
+                                                  torch.cat([best_idx, block_idx], dim=1), k)
     return best_sim, best_idx
+
+
+def _top_in_column_order(sims: torch.Tensor, idx: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The min(k, width) largest of each row, descending; of equal values the leftmost columns win
+    and keep their order (torch.topk alone leaves both unspecified)."""
+    take = min(k, sims.shape[1])
+    kth = sims.topk(take, dim=1).values[:, -1:]
+    above, at = sims > kth, sims == kth
+    keep = above | (at & (at.cumsum(dim=1) <= take - above.sum(dim=1, keepdim=True)))
+    cols = keep.nonzero()[:, 1].view(sims.shape[0], take)        # row-major: ascending columns
+    sims, idx = sims.gather(1, cols), idx.gather(1, cols)
+    order = sims.sort(dim=1, descending=True, stable=True).indices
+    return sims.gather(1, order), idx.gather(1, order)
 
 
 def vote(neighbour_sims: torch.Tensor, neighbour_labels: torch.Tensor, num_classes: int, k: int,
@@ -80,6 +97,10 @@ def knn_predict(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Te
     device = torch.device(device)
     bank = normalize_rows(bank)
     queries = normalize_rows(queries)
+    for name, rows in (("train (bank)", bank), ("val (query)", queries)):
+        if not torch.isfinite(rows).all():
+            raise InputError(None, f"{NAME}: {name} features contain NaN or Inf (non-finite checkpoint weights, "
+                                   f"or fp16 overflow: try --set {NAME}.amp=false)")
     bank_labels = bank_labels.long().to(device)
     if device.type == "cuda":
         bank = bank.to(device)          # 1.28M x 2048 float32 = 10.5 GB: fits one GPU
