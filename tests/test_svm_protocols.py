@@ -55,13 +55,23 @@ def test_svm_and_lowshot_on_synthetic(tmp_path, synth_root, resnet18_checkpoint,
     assert lowshot_svm_voc07.run(ctx, low_cfg).metrics == low.metrics
 
 
-def test_knn_on_synthetic(tmp_path, synth_root, resnet18_checkpoint):
+def test_knn_on_synthetic_equals_dense_numpy_knn_on_the_saved_features(tmp_path, synth_root, resnet18_checkpoint):
+    """Acceptance of issue 18: the tiny preset's kNN settings (bank_chunk 64 < 160 train rows, k=200
+    clipped to the bank) give exactly the accuracies of a dense numpy kNN over the saved .npy files."""
+    from test_knn import dense_knn
+
     ctx = make_ctx(tmp_path, resnet18_checkpoint, synth_root)
-    cfg = knn_imagenet.Config(resize_short=73, image_size=64, batch_size=64, query_chunk=7, bank_chunk=33)
+    cfg = knn_imagenet.Config(resize_short=73, image_size=64, batch_size=64, query_chunk=16, bank_chunk=64)
     out = knn_imagenet.run(ctx, cfg)
     assert set(out.metrics) == {"k10", "k20", "k100", "k200"}
     assert out.extra["k_clipped_to_bank_size"] == {"k200": 160}
-    train = np.load(ctx.save_features_dir / "imagenet_train_gap.npy")
+    saved = ctx.save_features_dir
+    train, train_y = np.load(saved / "imagenet_train_gap.npy"), np.load(saved / "imagenet_train_labels.npy")
+    val, val_y = np.load(saved / "imagenet_val_gap.npy"), np.load(saved / "imagenet_val_labels.npy")
     assert train.shape == (160, 512)
-    for values in out.metrics.values():
-        assert 0.0 <= values["top1"] <= values["top5"] <= 100.0
+    num_classes = int(max(train_y.max(), val_y.max()) + 1)
+    for k in cfg.ks:
+        pred = dense_knn(train, train_y, val, k, num_classes)
+        top1 = float((pred[:, 0] == val_y).sum()) * 100.0 / len(val_y)
+        top5 = float((pred == val_y[:, None]).any(axis=1).sum()) * 100.0 / len(val_y)
+        assert out.metrics[f"k{k}"] == {"top1": top1, "top5": top5}, k
