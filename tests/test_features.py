@@ -64,3 +64,49 @@ def test_extract_matches_direct_forward_and_caches(tmp_path, synth_root, resnet1
         extract_features(ctx, "voc07", "test", paths, ["feat2"], voc_preprocess(128, 120))
     with pytest.raises(pytest.fail.Exception):
         extract_features(ctx, "voc07", "test", paths[:5], ["feat2"], prep)
+
+
+def test_cache_follows_the_images_and_recovers_from_a_corrupt_entry(tmp_path, synth_root, resnet18_checkpoint,
+                                                                     monkeypatch, caplog):
+    """Issue 18: after every image was replaced the old features were reused; a truncated cached
+    .npy crashed the run."""
+    import os
+    import shutil
+
+    src = voc07_root(synth_root)
+    ids, _ = read_voc_cls_labels(src, "test")
+    images = tmp_path / "images"
+    images.mkdir()
+    paths = []
+    for i in ids[:4]:
+        paths.append(images / f"{i}.jpg")
+        shutil.copy(voc_image_path(src, i), paths[-1])
+    ctx = make_ctx(tmp_path, resnet18_checkpoint, synth_root)
+    prep = voc_preprocess(128, 112)
+    first = extract_features(ctx, "voc07", "test", paths, ["feat3"], prep, batch_size=4)["feat3"]
+    entry = next((tmp_path / "cache").rglob("feat3-*.npy"))
+    calls = []
+    real_compute = features_mod.compute_features
+    monkeypatch.setattr(features_mod, "compute_features", lambda *a, **k: calls.append(1) or real_compute(*a, **k))
+    # replace every image by another one (the file names stay): not served from the cache
+    for path, other in zip(paths, ids[4:8]):
+        shutil.copy(voc_image_path(src, other), path)
+        stat = path.stat()
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10 ** 9))   # coarse-mtime filesystems
+    replaced = extract_features(ctx, "voc07", "test", paths, ["feat3"], prep, batch_size=4)["feat3"]
+    assert calls == [1] and not np.allclose(replaced, first)
+    fresh = make_ctx(tmp_path / "fresh", resnet18_checkpoint, synth_root)
+    np.testing.assert_allclose(replaced, extract_features(fresh, "voc07", "test", paths, ["feat3"], prep)["feat3"],
+                               rtol=1e-5, atol=1e-6)
+    # a truncated cache entry is recomputed (with a note) and rewritten whole
+    entry = max((tmp_path / "cache").rglob("feat3-*.npy"), key=lambda p: p.stat().st_mtime_ns)
+    entry.write_bytes(entry.read_bytes()[:200])
+    calls.clear()
+    with caplog.at_level("WARNING", logger="densebench.evaluate.features"):
+        again = extract_features(ctx, "voc07", "test", paths, ["feat3"], prep, batch_size=4)["feat3"]
+    assert calls == [1] and "recomputing" in caplog.text and str(entry) in caplog.text
+    np.testing.assert_array_equal(again, replaced)
+    np.testing.assert_array_equal(np.load(entry), replaced)
+    calls.clear()
+    extract_features(ctx, "voc07", "test", paths, ["feat3"], prep, batch_size=4)
+    assert calls == []                                            # the rewritten entry is used again

@@ -10,7 +10,8 @@
   sharded across ranks under torchrun (rank r takes rows r, r + W, ...) and gathered back in
   list order.
 * Cache: one float32 .npy per (checkpoint fingerprint, dataset, split, layer, preprocessing,
-  image list) under `ctx.cache_dir`, written atomically by rank 0; a cached layer is read back
+  image list with each image's size and mtime) under `ctx.cache_dir`, written atomically by
+  rank 0; an unreadable or truncated entry is recomputed with a logged note; a cached layer is read back
   instead of recomputed, so svm_voc07, lowshot_svm_voc07 and reruns share one extraction.
   The fingerprint is CheckpointInfo.backbone_hash (the backbone tensors), so the same weights
   in another file format hit the same cache.
@@ -33,13 +34,14 @@ from tqdm import tqdm
 from densebench import distributed as dist_utils
 from densebench.data.image import load_image
 from densebench.evaluate.backbone import IMAGENET_MEAN, IMAGENET_STD, gap_features, pooled_features
+from densebench.errors import InputError
 from densebench.evaluate.context import RunContext
 from densebench.io import numpy_save_atomic
 
 log = logging.getLogger(__name__)
 
 GAP = "gap"
-FEATURE_CACHE_VERSION = 1
+FEATURE_CACHE_VERSION = 2        # 2: image sizes and mtimes in the key
 
 
 @dataclass(frozen=True)
@@ -91,10 +93,18 @@ class ImageListDataset(Dataset):
 
 
 def _list_digest(paths: Sequence[Path]) -> str:
+    """Hash of every image's resolved path, size and modification time (ns): replacing, editing
+    or touching an image gives another cache entry (a full content hash would read every image)."""
     digest = hashlib.sha256()
     for path in paths:
-        digest.update(str(Path(path).resolve()).encode())
-        digest.update(b"\n")
+        try:
+            resolved = Path(path).resolve()
+            stat = resolved.stat()
+        except FileNotFoundError as exc:
+            raise InputError(path, "image file not found") from exc
+        except (OSError, RuntimeError) as exc:          # permissions, symlink loops
+            raise InputError(path, f"cannot read image file ({exc})") from exc
+        digest.update(f"{resolved}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()[:16]
 
 
@@ -105,6 +115,23 @@ def cache_file(cache_dir: Path, fingerprint: str, dataset: str, split: str, laye
            "count": len(paths)}
     key_hash = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     return Path(cache_dir) / fingerprint / f"{dataset}_{split}" / f"{layer}-{key_hash}.npy"
+
+
+def _read_cached(path: Path, rows: int) -> Optional[np.ndarray]:
+    """The cached (rows, D) float32 array, or None (with a logged note) when the entry is absent,
+    unreadable, truncated or of another shape: it is then recomputed and rewritten."""
+    if not path.is_file():
+        return None
+    try:
+        cached = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        log.warning("feature cache %s is unreadable (%s); recomputing it", path, exc)
+        return None
+    if cached.ndim != 2 or cached.shape[0] != rows or cached.dtype != np.float32:
+        log.warning("feature cache %s holds a %s %s array, expected %d float32 rows; recomputing it",
+                    path, cached.dtype, cached.shape, rows)
+        return None
+    return cached
 
 
 def extract_features(ctx: RunContext, dataset: str, split: str, paths: Sequence[Path],
@@ -120,10 +147,9 @@ def extract_features(ctx: RunContext, dataset: str, split: str, paths: Sequence[
              for layer in layers}
     out: Dict[str, np.ndarray] = {}
     for layer, path in files.items():
-        if use_cache and path.is_file():
-            cached = np.load(path)
-            if cached.shape[0] == len(paths):
-                out[layer] = cached
+        cached = _read_cached(path, len(paths)) if use_cache else None
+        if cached is not None:
+            out[layer] = cached
     missing = [layer for layer in layers if layer not in out]
     if missing:
         log.info("extracting %s %s %s for %d images", dataset, split, ",".join(missing), len(paths))
