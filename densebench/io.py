@@ -1,7 +1,8 @@
 """Atomic file writes: a checkpoint or a record is either complete on disk or absent.
 
 Everything is written to a temporary file in the destination directory, flushed and
-fsync'ed, then renamed over the destination (rename is atomic on POSIX within one
+fsync'ed, given the mode a plainly created file would get (0666 minus the umask, where
+mkstemp gives 0600), then renamed over the destination (rename is atomic on POSIX within one
 filesystem), so a process killed mid-write never leaves a half-written file behind.
 """
 from __future__ import annotations
@@ -12,6 +13,13 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
+
+
+def _default_file_mode() -> int:
+    """0666 minus the umask: the mode open() would give a new file."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 @contextlib.contextmanager
@@ -26,6 +34,7 @@ def atomic_path(dest: "str | os.PathLike") -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp_path, _default_file_mode())        # mkstemp makes 0600: teammates could not read it
         os.replace(tmp_path, dest)
     finally:
         if tmp_path.exists():

@@ -42,6 +42,7 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
+import pickletools
 import re
 import struct
 import warnings
@@ -149,6 +150,28 @@ def _weights_only_reason(exc: Exception) -> str:
     return _first_line(exc)
 
 
+def _is_zip(path: Path) -> bool:
+    """torch.save's default format is a zip archive."""
+    with open(path, "rb") as fh:
+        return fh.read(4) == b"PK\x03\x04"
+
+
+def _is_pickle_stream(path: Path) -> bool:
+    """Whether the file starts with one well-formed pickle (protocol 2+, as torch.save and Python 3
+    write), found by parsing its opcodes with pickletools: nothing is executed. Tells a real
+    pickle, which only full unpickling could read, from random or foreign bytes."""
+    try:
+        with open(path, "rb") as fh:
+            if fh.read(1) != b"\x80":                       # the PROTO opcode
+                return False
+            fh.seek(0)
+            for _ in pickletools.genops(fh):               # stops after the STOP opcode
+                pass
+        return True
+    except Exception:  # pickletools raises ValueError and others for bytes that are no pickle
+        return False
+
+
 def _unsafe_pickle_load(path: Path):
     """Full unpickling, only ever reached with allow_unsafe_pickle=True."""
     with open(path, "rb") as fh:
@@ -158,6 +181,8 @@ def _unsafe_pickle_load(path: Path):
 def read_checkpoint(path: "str | Path", allow_unsafe_pickle: bool = False) -> Tuple[object, str]:
     """Load a checkpoint file without executing code from it; returns (object, how it was read)."""
     path = Path(path)
+    if path.is_dir():
+        raise InputError(path, "is a directory, not a checkpoint file")
     if not path.is_file():
         raise InputError(path, "checkpoint file not found")
     if path.stat().st_size == 0:
@@ -177,6 +202,9 @@ def read_checkpoint(path: "str | Path", allow_unsafe_pickle: bool = False) -> Tu
             return _unsafe_pickle_load(path), "pickle.load (--allow-unsafe-pickle)"
         except Exception as exc:  # any unpickling failure is a bad file, reported as such
             raise InputError(path, f"not a readable pickle: {type(exc).__name__}: {exc}") from None
+    if not _is_zip(path) and not _is_pickle_stream(path):
+        raise InputError(path, "not a checkpoint (unrecognised format: neither a PyTorch file, a pickle "
+                         "nor safetensors)")
     try:
         with warnings.catch_warnings():  # torch warns about protocol>2 pickles before refusing them
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
@@ -527,6 +555,30 @@ def arch_evidence(backbone: Mapping[str, object]) -> str:
     return ", ".join(parts)
 
 
+_FLOAT_SOURCES = ("float16", "bfloat16", "float32", "float64")
+
+
+def _dtype_name(value) -> str:
+    return str(value.dtype).replace("torch.", "")
+
+
+def _check_dtype(path: Path, source: str, value, dtype: torch.dtype) -> None:
+    """A float weight must come as a float (fp16/bf16/fp32/fp64), a counter as an integer: an
+    int32 or bool weight is a broken export, not something to cast silently."""
+    name = _dtype_name(value)
+    ok = name in _FLOAT_SOURCES if dtype.is_floating_point else name.startswith(("int", "uint"))
+    if not ok:
+        wanted = "a float dtype (float16/bfloat16/float32/float64)" if dtype.is_floating_point else "an integer dtype"
+        raise InputError(path, f"tensor {source} has dtype {name}, expected {wanted}")
+
+
+def _check_finite(path: Path, source: str, tensor: torch.Tensor) -> None:
+    """NaN or Inf anywhere in a weight or BN statistic makes every feature NaN or garbage."""
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        nan, inf = int(torch.isnan(tensor).sum()), int(torch.isinf(tensor).sum())
+        raise InputError(path, f"tensor {source} is not finite ({nan} NaN, {inf} Inf of {tensor.numel()} values)")
+
+
 def _to_tensor(value, dtype: torch.dtype) -> torch.Tensor:
     # np.array(order="C") copies and keeps 0-d arrays 0-d (np.ascontiguousarray would make them 1-d)
     tensor = torch.from_numpy(np.array(value, order="C")) if isinstance(value, np.ndarray) else value
@@ -601,8 +653,9 @@ def load_backbone_state_dict(path: "str | Path", arch: Optional[str] = None,
                              allow_unsafe_pickle: bool = False) -> Tuple[Dict[str, torch.Tensor], CheckpointInfo]:
     """Backbone tensors in torchvision ResNet naming (no `fc.*`), strictly checked.
 
-    Raises InputError (naming the file) for unreadable/unsafe files, unknown layouts, and any
-    missing, wrong-shape or unexpected backbone tensor.
+    Raises InputError (naming the file) for unreadable/unsafe files, unknown layouts, any
+    missing, wrong-shape or unexpected backbone tensor, a non-float weight (e.g. int32) and a
+    NaN or Inf in any backbone tensor (named).
     """
     path = Path(path)
     if arch is not None and arch not in ARCHS:
@@ -629,7 +682,10 @@ def load_backbone_state_dict(path: "str | Path", arch: Optional[str] = None,
         if key in check.fillable:
             state[key] = torch.tensor(0, dtype=dtype)  # see module docstring, item 5
         else:
+            source = mapping.sources[key]
+            _check_dtype(path, source, mapping.backbone[key], dtype)
             state[key] = _to_tensor(mapping.backbone[key], dtype)
+            _check_finite(path, source, state[key])
     info = CheckpointInfo(
         path=str(path), sha256=file_sha256(path), format=fmt.name, arch=check.arch,
         backbone_hash=tensors_hash(state), loaded=len(mapping.backbone), ignored=sorted(mapping.ignored),

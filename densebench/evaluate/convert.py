@@ -20,6 +20,7 @@ Writing a pickle of our own numpy arrays is safe; reading one back needs
 """
 from __future__ import annotations
 
+import os
 import pickle
 import re
 from pathlib import Path
@@ -88,8 +89,21 @@ def write_converted(state_dict: Mapping[str, torch.Tensor], info: CheckpointInfo
     return out
 
 
+def refuse_overwriting_input(ckpt: "str | Path", out: "str | Path") -> None:
+    """The export must never replace its source (the same file by any path: symlink, relative
+    path, hard link): a backbone-only file would silently take the place of the full checkpoint."""
+    ckpt, out = Path(ckpt), Path(out)
+    same = ckpt.resolve() == out.resolve()
+    if not same and out.exists() and ckpt.exists():
+        same = os.path.samefile(ckpt, out)
+    if same:
+        raise InputError(out, f"is the input checkpoint ({ckpt}); convert never writes over its input, "
+                         "choose another --out")
+
+
 def main(args) -> int:
     """`densebench convert CKPT --to torchvision|detectron2|mmdet --out FILE [--arch] [--allow-unsafe-pickle]`."""
+    refuse_overwriting_input(args.ckpt, args.out)
     state, info = load_backbone_state_dict(args.ckpt, args.arch, args.allow_unsafe_pickle)
     out = write_converted(state, info, args.to, args.out)
     print(f"{info.path} ({info.format}, {info.arch}, backbone_hash {info.backbone_hash}) -> "
