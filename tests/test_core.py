@@ -24,6 +24,22 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]
 
 
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o027, 0o640), (0o077, 0o600)])
+def test_atomic_write_gives_the_mode_of_a_plain_new_file(tmp_path, umask, mode):
+    """Issue 18: records and converted checkpoints came out 0600 (mkstemp's mode), unreadable to
+    the rest of a team sharing a results dir."""
+    import os
+
+    old = os.umask(umask)
+    try:
+        write_json_atomic(tmp_path / "record.json", {"a": 1})
+        with open(tmp_path / "plain.json", "w") as fh:
+            fh.write("{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "record.json").stat().st_mode & 0o777 == mode == (tmp_path / "plain.json").stat().st_mode & 0o777
+
+
 @dataclass
 class Cfg:
     lr: float = 0.03
