@@ -1,6 +1,8 @@
 """Results merged from uneven pieces equal the unsplit computation (issue 18: the kNN merge was
 wrong only for some piece sizes). Rank gathers run under torchrun with 3 gloo ranks over sizes
-that 3 does not divide (and one where a rank gets nothing); low-shot SVM chunks are uneven."""
+that 3 does not divide (and one where a rank gets nothing): feature rows, linear-probe features
+and accuracy counts, detection predictions (evaluated by COCO/VOC code only after this gather);
+low-shot SVM chunks are uneven."""
 from __future__ import annotations
 
 import json
@@ -52,6 +54,18 @@ for n in (2, 7, 11):
     got = linear_probe.extract_features(None, Items(n), Runtime(), batch_size=2, num_workers=0, show_progress=False)
     out[f"probe_{n}"] = {name: value.tolist() for name, value in got.items()}
 
+class Heads(torch.nn.Module):                        # predicts class i % 4 for sample i
+    def __init__(self):
+        super().__init__()
+        self.heads = torch.nn.ModuleDict({"h": torch.nn.Identity()})
+    def forward(self, feats):
+        return {"h": torch.nn.functional.one_hot(feats["first"][:, 0].long() % 4, 4).float()}
+
+for n in (7, 11):                                    # the val shard of each rank, as prepare_probe builds it
+    shard = torch.utils.data.Subset(Items(n), list(range(rank, n, world)))
+    loader = torch.utils.data.DataLoader(shard, batch_size=2, collate_fn=linear_probe.collate)
+    out[f"probe_eval_{n}"] = linear_probe.evaluate(None, Heads(), loader, Runtime(), num_classes=4)["h"]
+
 class Detector(torch.nn.Module):
     def forward(self, images): return [{"score": img.sum().view(1), "label": torch.tensor([7])} for img in images]
 
@@ -80,6 +94,9 @@ def test_rank_gathers_with_uneven_shards_equal_the_unsplit_lists(tmp_path):
         assert out[f"features_{total}"] == [[total, dim], True], total
     for n in (2, 7, 11):
         assert out[f"probe_{n}"] == {"double": [[2.0 * i, 4.0 * i] for i in range(n)], "first": [[float(i)] for i in range(n)]}
+    for n in (7, 11):                                   # labels i % 3, predictions i % 4
+        top1 = round(100.0 * sum(i % 3 == i % 4 for i in range(n)) / n, 4)
+        assert out[f"probe_eval_{n}"] == {"top1": top1, "top5": 100.0}
     for n in (2, 7):
         assert out[f"detection_{n}"] == [[i, 3.0 * i] for i in range(n)]
 
