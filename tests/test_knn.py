@@ -30,8 +30,9 @@ def dense_knn(bank, bank_labels, queries, k, num_classes, temperature=0.07) -> n
     return np.argsort(-scores, axis=1, kind="stable")[:, :min(5, order.shape[1])]
 
 
-def check_against_dense(bank, labels, queries, ks, num_classes, query_chunk, bank_chunk):
-    preds = knn_predict(bank, labels, queries, ks, num_classes, query_chunk=query_chunk, bank_chunk=bank_chunk)
+def check_against_dense(bank, labels, queries, ks, num_classes, query_chunk, bank_chunk, device="cpu"):
+    preds = knn_predict(bank, labels, queries, ks, num_classes, query_chunk=query_chunk, bank_chunk=bank_chunk,
+                        device=device)
     for k in ks:
         expected = dense_knn(bank.numpy(), labels.numpy(), queries.numpy(), k, num_classes)
         assert preds[k].shape == expected.shape
@@ -86,6 +87,17 @@ def test_ties_go_to_the_lower_bank_index_for_any_chunking(bank_chunk):
         expected, _ = dense_neighbours(bank.numpy(), queries.numpy(), k)
         np.testing.assert_array_equal(idx.numpy(), expected)
     check_against_dense(bank, labels, queries, (1, 4, 10, 37, 100, 150), 9, query_chunk=7, bank_chunk=bank_chunk)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_equals_dense_with_ties_and_later_chunks():
+    gen = torch.Generator().manual_seed(7)
+    bank = torch.cat([_exact_unit_rows(gen, 300, 8)] * 2)           # every row twice: exact ties across chunks
+    labels = torch.randint(0, 11, (600,), generator=gen)
+    queries = torch.cat([_exact_unit_rows(gen, 40, 8), bank[550:580]])
+    for bank_chunk in (64, 250, 600, 10000):
+        check_against_dense(bank, labels, queries, (1, 10, 20, 100, 200, 1000), 11, query_chunk=16,
+                            bank_chunk=bank_chunk, device="cuda")
 
 
 @pytest.mark.parametrize("num_queries,query_chunk,bank_chunk", [(37, 500, 100000), (37, 4, 7), (3, 1, 5)])

@@ -93,7 +93,8 @@ def test_rank_gathers_with_uneven_shards_equal_the_unsplit_lists(tmp_path):
     for total, dim in ((2, 512), (7, 512), (3 * 16384 + 5, 3)):
         assert out[f"features_{total}"] == [[total, dim], True], total
     for n in (2, 7, 11):
-        assert out[f"probe_{n}"] == {"double": [[2.0 * i, 4.0 * i] for i in range(n)], "first": [[float(i)] for i in range(n)]}
+        assert out[f"probe_{n}"] == {"double": [[2.0 * i, 4.0 * i] for i in range(n)],
+                                     "first": [[float(i)] for i in range(n)]}
     for n in (7, 11):                                   # labels i % 3, predictions i % 4
         top1 = round(100.0 * sum(i % 3 == i % 4 for i in range(n)) / n, 4)
         assert out[f"probe_eval_{n}"] == {"top1": top1, "top5": 100.0}
