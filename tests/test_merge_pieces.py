@@ -126,3 +126,30 @@ def test_lowshot_uneven_group_chunks_equal_one_chunk_and_sklearn(monkeypatch):
     assert (diff > 1e-6).mean() <= 0.01 and diff.max() <= 0.01      # other batch shapes: near-ties may swap
     ref = lowshot_fit_and_test(train_x, samples, test_x, test_t, costs, SolverOptions(backend="sklearn"))
     assert abs(aggregate_lowshot(uneven, costs)["mAP"] - aggregate_lowshot(ref, costs)["mAP"]) <= 0.1
+
+
+def test_lowshot_stored_pieces_are_not_reused_for_other_features(tmp_path, monkeypatch):
+    """Low-shot results are stored per (layer, sample, k) and merged on a rerun; the work dir names
+    the checkpoint and config but not the images, so replaced images must not reuse stale pieces."""
+    from densebench.evaluate.context import RunContext
+    from densebench.protocols import lowshot_svm_voc07 as lowshot
+    from densebench.protocols.svm_solver import l2_normalize
+    from densebench.protocols.voc_svm_common import SolverOptions, synthetic_voc_features
+
+    ctx = RunContext(checkpoint=tmp_path / "c.pth", data_root=tmp_path, work_dir=tmp_path / "work",
+                     cache_dir=tmp_path / "cache", show_progress=False)
+    cfg = lowshot.Config(ks=(1, 2), num_samples=2, costs=(0.01, 1.0))
+    calls = []
+    real = lowshot.lowshot_fit_and_test
+    monkeypatch.setattr(lowshot, "lowshot_fit_and_test", lambda *a, **k: calls.append(len(a[1])) or real(*a, **k))
+
+    def run(seed):
+        train_x, train_t, test_x, test_t = synthetic_voc_features(60, 40, 16, seed=seed, signal=0.5)
+        return lowshot.run_layer(ctx, cfg, "feat5", l2_normalize(train_x), train_t, l2_normalize(test_x), test_t,
+                                 SolverOptions())
+
+    first = run(0)
+    assert calls == [2, 2]
+    assert run(0) == first and calls == [2, 2]                      # same features: every piece reused
+    other = run(1)
+    assert calls == [2, 2, 2, 2] and other != first                  # other features: all recomputed

@@ -14,6 +14,7 @@ Progress is saved per (layer, sample, k) under ctx.work_dir, so an interrupted s
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,9 +62,17 @@ def _state_file(ctx: RunContext, layer: str, sample: int, k: int) -> Path:
     return Path(ctx.work_dir) / "lowshot" / layer / f"sample{sample}_k{k}.json"
 
 
-def _state_key(ctx: RunContext, cfg: Config) -> dict:
+def _state_key(ctx: RunContext, cfg: Config, arrays: Tuple[np.ndarray, ...] = ()) -> dict:
+    """What a stored (sample, k) result depends on besides the work dir (which already names the
+    checkpoint and config): the seed, the solver, and the features and labels themselves, so a
+    rerun on replaced images (same checkpoint, same config) does not reuse stale APs."""
+    digest = hashlib.sha256()
+    for array in arrays:
+        array = np.ascontiguousarray(array)
+        digest.update(f"{array.dtype}{array.shape}".encode())
+        digest.update(memoryview(array).cast("B"))
     return {"seed": ctx.seed, "costs": list(cfg.costs), "selection": cfg.cost_selection,
-            "backend": cfg.svm_backend, "tol": cfg.svm_tol}
+            "backend": cfg.svm_backend, "tol": cfg.svm_tol, "data": digest.hexdigest()[:16]}
 
 
 def _load_state(path: Path, key: dict) -> Optional[dict]:
@@ -111,7 +120,7 @@ def lowshot_cv_scores(train_x: np.ndarray, sample: np.ndarray, costs, options: S
 def run_layer(ctx: RunContext, cfg: Config, layer: str, train_x, train_targets, test_x, test_targets,
               options: SolverOptions, progress=None) -> Dict[int, List[dict]]:
     """{k: [state per sample]}; each state holds the (costs x classes) test APs of one sample."""
-    key = _state_key(ctx, cfg)
+    key = _state_key(ctx, cfg, (train_x, train_targets, test_x, test_targets))
     out: Dict[int, List[dict]] = {}
     basis_cache: dict = {}            # the Gram matrix of all training rows, built once for the large k
     for k in cfg.ks:
