@@ -210,6 +210,26 @@ def test_batch_must_split_evenly_over_ranks():
         lp.per_rank_batch(256, 3)
 
 
+def test_resume_state_is_tied_to_the_images_and_labels(tmp_path):
+    """Issue 18: replacing images (same checkpoint and config, so the same work dir) must not
+    resume a probe trained on the old ones: the data identity is part of the stored config."""
+    import os
+
+    images = [tmp_path / "a.jpg", tmp_path / "b.jpg"]
+    for path in images:
+        path.write_bytes(b"x" * 10)
+    train, val = [(images[0], 0)], [(images[1], 1)]
+    before = lp.data_identity(train, val)
+    assert lp.data_identity(list(train), list(val)) == before
+    assert lp.data_identity(train, [(images[1], 2)]) != before                  # a label changed
+    images[1].write_bytes(b"y" * 11)                                              # an image replaced
+    assert lp.data_identity(train, val)["val"] != before["val"]
+    touched = lp.data_identity(train, val)
+    stat = images[0].stat()
+    os.utime(images[0], ns=(stat.st_atime_ns, stat.st_mtime_ns + 10 ** 9))       # same size, newer
+    assert lp.data_identity(train, val)["train"] != touched["train"]
+
+
 def test_resume_state_refuses_another_config(tmp_path):
     heads = nn.Sequential(nn.Linear(3, 2))
     cfg = protocol("linear_imagenet").Config()

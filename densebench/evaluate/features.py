@@ -92,7 +92,7 @@ class ImageListDataset(Dataset):
         return self.transform(load_image(self.paths[index])), index
 
 
-def _list_digest(paths: Sequence[Path]) -> str:
+def image_list_digest(paths: Sequence[Path]) -> str:
     """Hash of every image's resolved path, size and modification time (ns): replacing, editing
     or touching an image gives another cache entry (a full content hash would read every image)."""
     digest = hashlib.sha256()
@@ -111,7 +111,7 @@ def _list_digest(paths: Sequence[Path]) -> str:
 def cache_file(cache_dir: Path, fingerprint: str, dataset: str, split: str, layer: str,
                preprocess: Preprocess, device: torch.device, paths: Sequence[Path]) -> Path:
     """cache_dir/<fingerprint>/<dataset>_<split>/<layer>-<hash of preprocessing + image list>.npy"""
-    key = {"version": FEATURE_CACHE_VERSION, "preprocess": preprocess.key(device), "images": _list_digest(paths),
+    key = {"version": FEATURE_CACHE_VERSION, "preprocess": preprocess.key(device), "images": image_list_digest(paths),
            "count": len(paths)}
     key_hash = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     return Path(cache_dir) / fingerprint / f"{dataset}_{split}" / f"{layer}-{key_hash}.npy"

@@ -21,6 +21,7 @@ Reproducibility choices (recorded, not paper-visible):
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import random
@@ -43,6 +44,7 @@ from densebench.data.image import load_image
 from densebench.errors import InputError
 from densebench.evaluate.backbone import IMAGENET_MEAN, IMAGENET_STD, LAYERS, forward_features, multi_pool
 from densebench.evaluate.context import ProtocolOutput, RunContext
+from densebench.evaluate.features import image_list_digest
 from densebench.io import torch_save_atomic
 
 log = logging.getLogger(__name__)
@@ -553,6 +555,18 @@ def save_state(path: Path, heads: nn.Module, optimizer, scheduler, epoch: int,
     dist_utils.barrier()
 
 
+def data_identity(train_items: Sequence[Tuple[Path, int]], val_items: Sequence[Tuple[Path, int]]) -> Dict[str, str]:
+    """Which images (path, size, mtime) and labels the probe trains and tests on. Stored in the
+    resume state with the config: a state from other data (images replaced, same work dir) is
+    refused instead of being continued as if it were this run."""
+    out = {}
+    for name, items in (("train", train_items), ("val", val_items)):
+        labels = np.asarray([label for _, label in items], dtype=np.int64)
+        label_hash = hashlib.sha256(labels.tobytes()).hexdigest()[:16]
+        out[name] = f"{image_list_digest([path for path, _ in items])}-{label_hash}"
+    return out
+
+
 def load_state(path: Path, heads: nn.Module, optimizer, scheduler, config: Dict[str, Any]):
     """Restore a probe state; returns (epochs done, history). A state of another config is refused."""
     try:
@@ -562,8 +576,8 @@ def load_state(path: Path, heads: nn.Module, optimizer, scheduler, config: Dict[
     if not isinstance(state, dict) or state.get("densebench", {}).get("kind") != "linear_probe_state":
         raise InputError(path, "not a densebench linear-probe resume state; delete it to start over")
     if state["config"] != config:
-        raise InputError(path, "the resume state was written for a different probe config; "
-                               "delete it or use another work dir")
+        raise InputError(path, "the resume state was written for a different probe config or data set "
+                               "(images or labels); delete it or use another work dir")
     heads.load_state_dict(state["heads"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
@@ -660,7 +674,7 @@ def run_probe(ctx: RunContext, cfg: Any, head: str, train_items: Sequence[Tuple[
     """
     probe = prepare_probe(ctx, cfg, head, train_items, val_items, train_transform)
     state_path = Path(ctx.work_dir) / STATE_FILE
-    config = config_dict(cfg)
+    config = dict(config_dict(cfg), data=data_identity(train_items, val_items))
     start_epoch, history = 0, []
     if state_path.is_file():
         start_epoch, history = load_state(state_path, probe.heads, probe.optimizer, probe.scheduler, config)
