@@ -36,7 +36,7 @@ class Config:
     dropout: float = 0.1                               # Dropout2d before the classifier
     align_corners: bool = False
     aux_loss_weight: float = 0.4
-    loss_average: str = "valid"                        # CE mean over non-ignored pixels ("all": every pixel)
+    loss_average: str = "all"                          # CE mean over ALL pixels, ignored ones count 0 (mmseg 0.x); "valid": non-ignored only
     sync_bn: bool = True                               # SyncBN under torchrun on GPU
     # optimisation (PROTOCOLS.md 8, "Optimiser" / "Schedule" / "Batch")
     lr: float = 0.01

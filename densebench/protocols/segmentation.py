@@ -257,6 +257,12 @@ def train_transform(image: np.ndarray, label: np.ndarray, cfg: Any,
     return pad_to(normalize_image(image), label, cfg.crop_size)
 
 
+def val_transform(image: np.ndarray, test_scale: Sequence[int]) -> torch.Tensor:
+    """The mmseg test pipeline: keep-ratio resize to the test scale, normalise (no padding)."""
+    size = rescale_size(image.shape[0], image.shape[1], test_scale)
+    return normalize_image(resize_image(image, size))
+
+
 def load_pair(image_path: Path, label_path: Path) -> Tuple[np.ndarray, np.ndarray]:
     """Decode one image/label pair; a size mismatch is bad input naming the label file."""
     from densebench.data.cityscapes import read_cityscapes_label
@@ -303,8 +309,7 @@ class SegValDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> Tuple[torch.Tensor, torch.Tensor]:
         image, label = load_pair(*self.pairs[index])
-        size = rescale_size(image.shape[0], image.shape[1], self.test_scale)
-        return normalize_image(resize_image(image, size)), torch.from_numpy(label.astype(np.int64))
+        return val_transform(image, self.test_scale), torch.from_numpy(label.astype(np.int64))
 
 
 class TrainBatchSampler(torch.utils.data.Sampler):
@@ -473,10 +478,11 @@ def build_segmentor(arch: str, backbone_state: Dict[str, torch.Tensor], cfg: Any
 # ----------------------------------------------------------------------------------------------
 
 def seg_cross_entropy(logits: torch.Tensor, label: torch.Tensor, align_corners: bool,
-                      average: str = "valid") -> torch.Tensor:
+                      average: str = "all") -> torch.Tensor:
     """Pixel-wise CE on logits bilinearly upsampled to the label size, 255 ignored.
-    average "valid": mean over non-ignored pixels (PROTOCOLS.md 8); "all": mean over every pixel
-    (mmseg < 0.23 without avg_non_ignore)."""
+    average "all" (the reference): sum over the valid pixels divided by ALL pixels, ignored and
+    padding included, as mmseg 0.x CrossEntropyLoss with its default avg_non_ignore=False, which
+    the benchmark configs use; "valid": divided by the valid pixels (avg_non_ignore=True)."""
     logits = F.interpolate(logits.float(), size=label.shape[-2:], mode="bilinear", align_corners=align_corners)
     per_pixel = F.cross_entropy(logits, label, ignore_index=IGNORE_INDEX, reduction="none")
     if average == "all":
@@ -530,19 +536,25 @@ def slide_logits(encode: Callable[[torch.Tensor], torch.Tensor], image: torch.Te
     return summed / count
 
 
-def predict(encode: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor, original_size: Sequence[int],
-            num_classes: int, mode: str, align_corners: bool, crop: Sequence[int] = (769, 769),
-            stride: Sequence[int] = (513, 513)) -> torch.Tensor:
-    """Class map [H, W] at the original size: logits (whole or slide) at the test size, resized
-    bilinearly to the original size, then argmax."""
+def predict_logits(encode: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor, original_size: Sequence[int],
+                   num_classes: int, mode: str, align_corners: bool, crop: Sequence[int] = (769, 769),
+                   stride: Sequence[int] = (513, 513)) -> torch.Tensor:
+    """Logits [1, C, H, W] at the original size: whole-image or sliding-window logits at the test
+    size, resized bilinearly to the original size (mmseg's inference with rescale=True)."""
     if mode == "whole":
         logits = encode(image).float()
     elif mode == "slide":
         logits = slide_logits(encode, image, num_classes, crop, stride)
     else:
         raise InputError(None, f"unknown test mode {mode!r} (whole or slide)")
-    logits = F.interpolate(logits, size=tuple(original_size), mode="bilinear", align_corners=align_corners)
-    return logits.argmax(dim=1)[0]
+    return F.interpolate(logits, size=tuple(original_size), mode="bilinear", align_corners=align_corners)
+
+
+def predict(encode: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor, original_size: Sequence[int],
+            num_classes: int, mode: str, align_corners: bool, crop: Sequence[int] = (769, 769),
+            stride: Sequence[int] = (513, 513)) -> torch.Tensor:
+    """Class map [H, W] at the original size: argmax of `predict_logits`."""
+    return predict_logits(encode, image, original_size, num_classes, mode, align_corners, crop, stride).argmax(dim=1)[0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -687,6 +699,12 @@ def _prepare_model(ctx: RunContext, cfg: Any) -> Tuple[FCNSegmentor, Any, bool]:
     return model.to(ctx.device), info, sync_bn
 
 
+def build_optimizer(model: nn.Module, cfg: Any) -> torch.optim.SGD:
+    """SGD with one group: every parameter, BN and biases included, gets the same lr, momentum
+    and weight decay (mmcv's DefaultOptimizerConstructor without paramwise_cfg)."""
+    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
 def run_segmentation(ctx: RunContext, cfg: Any, protocol: str, data: SegData) -> ProtocolOutput:
     """Train FCN-D8 from the checkpoint's backbone, evaluate every `eval_interval` iterations and at the
     end, and return the final mIoU/aAcc (per-class IoU and the evaluation history in `extra`)."""
@@ -698,7 +716,7 @@ def run_segmentation(ctx: RunContext, cfg: Any, protocol: str, data: SegData) ->
     batch_per_rank = cfg.batch_size // world
     device = ctx.device
     model, info, sync_bn = _prepare_model(ctx, cfg)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    optimizer = build_optimizer(model, cfg)
     use_amp = bool(cfg.amp and device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
 
