@@ -619,6 +619,11 @@ def poly_lr(iteration: int, total: int, base_lr: float, min_lr: float, power: fl
     return (base_lr - min_lr) * (1 - iteration / total) ** power + min_lr
 
 
+def scheduled_lr(iteration: int, cfg: Any) -> float:
+    """The lr of (0-based) `iteration`, set before its step; no warmup (the configs have none)."""
+    return poly_lr(iteration, cfg.iterations, cfg.lr, cfg.min_lr, cfg.poly_power)
+
+
 @dataclass
 class SegData:
     """What a protocol module hands to `run_segmentation`."""
@@ -743,7 +748,7 @@ def run_segmentation(ctx: RunContext, cfg: Any, protocol: str, data: SegData) ->
     iteration = start
     for images, labels in progress:
         for group in optimizer.param_groups:
-            group["lr"] = poly_lr(iteration, cfg.iterations, cfg.lr, cfg.min_lr, cfg.poly_power)
+            group["lr"] = scheduled_lr(iteration, cfg)
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with _autocast(device, use_amp):
             out = train_model(images)

@@ -137,3 +137,26 @@ def test_resize_and_colour_conversions_equal_opencv():
     hsv = rgb.copy()
     hsv[..., 0] %= 180
     np.testing.assert_array_equal(seg.hsv_opencv_to_rgb(hsv), cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB))
+
+
+def _test_pipeline(img_scale):
+    """V / C test_pipeline after LoadImageFromFile (flip=False, single scale)."""
+    return [dict(type="MultiScaleFlipAug", img_scale=img_scale, flip=False,
+                 transforms=[dict(type="Resize", keep_ratio=True), dict(type="RandomFlip"),
+                             dict(type="Normalize", mean=[123.675, 116.28, 103.53], std=[58.395, 57.12, 57.375],
+                                  to_rgb=True),
+                             dict(type="ImageToTensor", keys=["img"]), dict(type="Collect", keys=["img"])])]
+
+
+@pytest.mark.parametrize("benchmark,size", [("voc12aug", (75, 100)), ("voc12aug", (120, 61)),
+                                            ("cityscapes", (64, 128)), ("cityscapes", (50, 77))])
+def test_test_pipeline_matches_mmseg(benchmark, size):
+    from mmseg.datasets.pipelines import Compose
+
+    image, _ = _scene(*size, dominant=False, seed=7)
+    test_scale = BENCHMARKS[benchmark]["test_scale"]
+    out = Compose(_test_pipeline(test_scale))(dict(img=np.ascontiguousarray(image[..., ::-1]), filename="x.png",
+                                                    ori_filename="x.png", ori_shape=image.shape,
+                                                    img_shape=image.shape))
+    ours = seg.val_transform(image, BENCHMARKS[benchmark]["densebench"]().test_scale)
+    torch.testing.assert_close(ours, out["img"][0], rtol=0, atol=1e-5)
