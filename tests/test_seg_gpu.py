@@ -95,7 +95,8 @@ def test_tiny_protocols_on_gpu_with_resnet50(module, seg_synth, tmp_path):
     from densebench.config import make_config
     from densebench.evaluate.context import RunContext
 
-    cfg, _ = make_config(module.Config, module.NAME, "tiny", {"head_channels": 512, "aux_channels": 256})
+    # amp on (not the default): this test exercises the float16 autocast path
+    cfg, _ = make_config(module.Config, module.NAME, "tiny", {"head_channels": 512, "aux_channels": 256, "amp": True})
     ctx = RunContext(checkpoint=_checkpoint(tmp_path, "resnet50"), data_root=seg_synth, work_dir=tmp_path / "w",
                      cache_dir=tmp_path / "c", device=torch.device("cuda"), arch="resnet50", show_progress=False)
     tic = time.perf_counter()

@@ -48,7 +48,7 @@ class Config:
     iterations: int = 40000
     eval_interval: int = 4000                          # "Eval cadence"
     checkpoint_interval: int = 4000
-    amp: bool = True                                   # float16 autocast on GPU (off on CPU)
+    amp: bool = False                                  # float16 autocast on GPU; off: the configs train in fp32
 
 
 def cityscapes_seg_data(ctx: RunContext) -> SegData:

@@ -48,7 +48,7 @@ class Config:
     iterations: int = 20000
     eval_interval: int = 2000                          # "Eval cadence"
     checkpoint_interval: int = 2000                    # resume state in the work dir
-    amp: bool = True                                   # float16 autocast on GPU (off on CPU)
+    amp: bool = False                                  # float16 autocast on GPU; off: the configs train in fp32
 
 
 def voc_seg_data(ctx: RunContext) -> SegData:

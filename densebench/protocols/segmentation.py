@@ -5,11 +5,32 @@ parts: a dilated ResNet with the standard 7x7 stem (section 12.10: not the ResNe
 an FCN decode head on layer4 and an auxiliary FCN head on layer3, the mmseg training pipeline
 (random rescale, cat_max_ratio crop, flip, PhotoMetricDistortion, normalise, pad), SGD with the
 poly schedule, whole-image or sliding-window inference, and mIoU accumulated over the whole
-validation set. Runs as one process or under torchrun (DDP, SyncBN on GPU), with AMP on GPU,
-atomic checkpoints in `ctx.work_dir` and evaluation every `eval_interval` iterations.
+validation set. Runs as one process or under torchrun (DDP, SyncBN on GPU; the batch is the
+total over all GPUs, so BN sees the reference's 16 / 8 images at any GPU count), fp32 as the
+reference (AMP on request), atomic checkpoints in `ctx.work_dir` and evaluation every
+`eval_interval` iterations.
 
 A protocol module supplies its `Config` (paper defaults) and the image/label pairs; everything
 else lives here, top to bottom: data pipeline, model, loss, inference, metric, loop.
+
+What the peer tests (tests/peer/test_peer_seg_*.py, against mmseg 0.30 / mmcv 1.7 with the
+MMSelfSup 0.x benchmark configs) pin, each with its bound:
+- train pipeline, same injected draws (rescale ratio, crop incl. cat_max_ratio re-draws and the
+  10-retry fallback, flip, every photometric op, contrast first or last): same draws in the same
+  order, label and 255 padding identical, network input within 1e-5 (mmcv multiplies by 1/std,
+  we divide); resize and colour conversions equal OpenCV's integer/float32 arithmetic bit for bit.
+  Only residue: HSV->RGB follows OpenCV's AVX2 block structure; a reference run on a CPU with
+  another vector width differs by at most 1 grey level on pixels a saturation/hue op touched.
+- test pipeline within 1e-5; JPEG/PNG decoding identical (Pillow vs cv2 / mmseg loaders).
+- model: parameter count and every tensor mapped strictly; whole and slide logits (resized to
+  the original size) within 1e-4, identical argmax; slide windows at the config's crop/stride
+  and test size within 1e-5.
+- loss (decode + 0.4 aux, ignore 255, averaged over ALL pixels as avg_non_ignore=False) within
+  1e-5 relative; every gradient of one training step within 1e-4 relative.
+- lr at each of the 20k / 40k iterations within 1e-12 relative of mmcv's PolyLrUpdaterHook; one
+  SGD group with every parameter decayed, two steps identical.
+- mIoU, aAcc, per-class IoU/Acc within 1e-12 relative of mmseg's mean_iou (ignore 255, classes
+  absent from the labels, label values >= num_classes).
 """
 from __future__ import annotations
 

@@ -75,6 +75,7 @@ BENCHMARKS = {
         train_pipeline=_train_pipeline((2048, 512), (512, 512)),           # V
         test_scale=(2048, 512),                                            # V test_pipeline img_scale
         optimizer=dict(type="SGD", lr=0.01, momentum=0.9, weight_decay=0.0005),  # S20
+        optimizer_config=dict(),                                           # S20: no fp16 section
         lr_config=dict(policy="poly", power=0.9, min_lr=1e-4, by_epoch=False),   # S20
         max_iters=20000,                                                   # S20
         eval_interval=2000,                                                # S20
@@ -86,6 +87,7 @@ BENCHMARKS = {
         train_pipeline=_train_pipeline((2049, 1025), (769, 769)),          # C
         test_scale=(2049, 1025),                                           # C test_pipeline img_scale
         optimizer=dict(type="SGD", lr=0.01, momentum=0.9, weight_decay=0.0005),  # S40
+        optimizer_config=dict(),                                           # S40: no fp16 section
         lr_config=dict(policy="poly", power=0.9, min_lr=1e-4, by_epoch=False),   # S40
         max_iters=40000,                                                   # S40
         eval_interval=4000,                                                # S40

@@ -160,3 +160,31 @@ def test_test_pipeline_matches_mmseg(benchmark, size):
                                                     img_shape=image.shape))
     ours = seg.val_transform(image, BENCHMARKS[benchmark]["densebench"]().test_scale)
     torch.testing.assert_close(ours, out["img"][0], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["voc_jpeg_palette", "cityscapes_png_gray"])
+def test_image_and_label_decoding_match_mmseg_loaders(kind, tmp_path):
+    """mmseg LoadImageFromFile (cv2 decode, BGR) and LoadAnnotations (Pillow, stored indices) vs
+    densebench's load_pair, on a VOC-style JPEG (4:2:0 chroma, as VOC's) with a palette PNG label and
+    a Cityscapes-style PNG with a grey labelTrainIds PNG."""
+    from PIL import Image
+    from mmseg.datasets.pipelines import LoadAnnotations, LoadImageFromFile
+
+    image, label = _scene(45, 67, dominant=False, seed=3)
+    if kind == "voc_jpeg_palette":
+        image_path, label_path = tmp_path / "2008_000001.jpg", tmp_path / "2008_000001.png"
+        Image.fromarray(image).save(image_path, quality=90, subsampling=2)
+        palette = Image.fromarray(label, mode="P")
+        palette.putpalette(list(np.random.default_rng(0).integers(0, 256, 768)))
+        palette.save(label_path)
+    else:
+        image_path = tmp_path / "aachen_000000_000019_leftImg8bit.png"
+        label_path = tmp_path / "aachen_000000_000019_gtFine_labelTrainIds.png"
+        Image.fromarray(image).save(image_path)
+        Image.fromarray(label, mode="L").save(label_path)
+    results = dict(img_prefix=None, img_info=dict(filename=str(image_path)), seg_prefix=None,
+                   ann_info=dict(seg_map=str(label_path)), seg_fields=[])
+    results = LoadAnnotations()(LoadImageFromFile()(results))
+    ours_image, ours_label = seg.load_pair(image_path, label_path)
+    np.testing.assert_array_equal(ours_image, results["img"][..., ::-1])
+    np.testing.assert_array_equal(ours_label, results["gt_semantic_seg"])

@@ -63,6 +63,8 @@ def test_sgd_groups_and_step_equal_mmcv_build_optimizer():
         assert cfg.batch_size == BENCHMARKS[name]["samples_per_gpu"] * 4  # 4 GPUs ([DC] README, [1x] 4xb*)
         assert BENCHMARKS[name]["optimizer"] == BENCHMARKS["voc12aug"]["optimizer"]  # S20 and S40 agree
         assert (cfg.lr, cfg.momentum, cfg.weight_decay) == (0.01, 0.9, 0.0005)
+        # plain OptimizerHook, no Fp16OptimizerHook and no `fp16` key: the reference trained in fp32
+        assert BENCHMARKS[name]["optimizer_config"] == {} and cfg.amp is False
     reference_cfg, cfg = BENCHMARKS["voc12aug"], BENCHMARKS["voc12aug"]["densebench"]()
     reference, ours = _models()
     ref_opt = build_optimizer(reference, dict(reference_cfg["optimizer"]))
