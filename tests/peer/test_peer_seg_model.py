@@ -151,7 +151,8 @@ def _reference_losses(reference, images, labels):
 def test_loss_and_gradients_of_one_step(benchmark):
     """Training mode (BN on batch statistics, the same dropout masks from the same seed): decode
     and auxiliary CE (weights 1.0 / 0.4, ignore 255, averaged over ALL pixels as mmseg 0.x
-    CrossEntropyLoss with avg_non_ignore=False) and every parameter's gradient."""
+    CrossEntropyLoss with avg_non_ignore=False), the updated BN statistics and every parameter's
+    gradient."""
     reference, ours, cfg = _pair(benchmark)
     reference.train(), ours.train()
     reference.zero_grad(set_to_none=True), ours.zero_grad(set_to_none=True)
@@ -164,6 +165,10 @@ def test_loss_and_gradients_of_one_step(benchmark):
     decode_only = seg.seg_cross_entropy(out[0], labels, cfg.align_corners, cfg.loss_average)
     torch.testing.assert_close(decode_only, ref_terms["decode.loss_ce"], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(our_total, ref_total, rtol=1e-5, atol=1e-6)
+    # BN running statistics after the training forward (momentum 0.1, eps 1e-5 in both)
+    ours_state = ours.state_dict()
+    for name, buffer in reference_to_densebench(dict(reference.named_buffers())).items():
+        torch.testing.assert_close(ours_state[name], buffer, rtol=1e-5, atol=1e-6, msg=name)
     ref_total.backward()
     our_total.backward()
     ours_grads = dict(ours.named_parameters())
