@@ -106,12 +106,15 @@ def test_cross_entropy_ignores_255_and_weights_the_aux_head():
     logp = F.log_softmax(up, dim=1)
     keep = label != 255
     manual = -logp.permute(0, 2, 3, 1)[keep].gather(1, label[keep][:, None]).mean()
-    assert seg_cross_entropy(logits, label, align_corners=True).item() == pytest.approx(manual.item(), rel=1e-5)
-    per_all = seg_cross_entropy(logits, label, align_corners=True, average="all")
+    valid = seg_cross_entropy(logits, label, align_corners=True, average="valid")
+    assert valid.item() == pytest.approx(manual.item(), rel=1e-5)
+    # the default (mmseg 0.x, avg_non_ignore=False): the valid pixels' sum over ALL pixels
+    per_all = seg_cross_entropy(logits, label, align_corners=True)
     assert per_all.item() == pytest.approx(manual.item() * keep.sum().item() / keep.numel(), rel=1e-5)
     cfg = seg_cityscapes_fcn.Config()
+    assert cfg.loss_average == "all"
     aux = torch.randn(2, 3, 4, 4)
-    expected = manual + 0.4 * seg_cross_entropy(aux, label, True)
+    expected = per_all + 0.4 * seg_cross_entropy(aux, label, True, "all")
     assert fcn_loss((logits, aux), label, cfg).item() == pytest.approx(expected.item(), rel=1e-5)
 
 

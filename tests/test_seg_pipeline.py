@@ -61,8 +61,10 @@ def test_rgb_to_hsv_matches_colorsys_in_opencv_units():
     for (r, g, b), (h, s, v) in zip(pixels, hsv):
         eh, es, ev = colorsys.rgb_to_hsv(r / 255, g / 255, b / 255)
         assert v == round(ev * 255)
-        assert abs(s - es * 255) <= 0.5 + 1e-6
-        assert min(abs(h - eh * 180), 180 - abs(h - eh * 180)) <= 0.5 + 1e-6
+        # OpenCV divides through 12-bit fixed-point tables: rounding 0.5 + numerator * 0.5 / 4096,
+        # numerator at most 255 for S and 5 * 255 for H (sector offset included)
+        assert abs(s - es * 255) <= 0.5 + 255 * 0.5 / 4096 + 1e-9
+        assert min(abs(h - eh * 180), 180 - abs(h - eh * 180)) <= 0.5 + 1275 * 0.5 / 4096 + 1e-9
         assert 0 <= h < 180
     assert hsv[-5].tolist() == [0, 255, 255] and hsv[-4].tolist() == [60, 255, 255] and hsv[-3].tolist() == [120, 255, 255]
 
@@ -72,7 +74,11 @@ def test_hsv_to_rgb_matches_colorsys():
     hsv = np.stack([rng.integers(0, 180, 3000), rng.integers(0, 256, 3000), rng.integers(0, 256, 3000)], -1).astype(np.uint8)
     rgb = hsv_opencv_to_rgb(hsv[None])[0].astype(np.float64)
     expected = np.array([colorsys.hsv_to_rgb(h / 180, s / 255, v / 255) for h, s, v in hsv]) * 255
-    assert np.abs(rgb - expected).max() <= 0.5 + 1e-6
+    # as OpenCV: whole 32-pixel blocks of a row truncate (float32, so within 1e-3 of an integer a
+    # value may land on either side), the row's tail (3000 % 32 = 24 pixels) rounds
+    vector, tail = slice(0, 3000 // 32 * 32), slice(3000 // 32 * 32, None)
+    assert (expected[vector] - rgb[vector]).min() >= -1e-3 and (expected[vector] - rgb[vector]).max() < 1 + 1e-3
+    assert np.abs(rgb[tail] - expected[tail]).max() <= 0.5 + 1e-3
     # a hue shift of 60 (OpenCV units, 120 degrees) turns red into green
     red = rgb_to_hsv_opencv(np.array([[[255, 0, 0]]], np.uint8))
     red[..., 0] += 60

@@ -36,7 +36,7 @@ class Config:
     dropout: float = 0.1                               # Dropout2d before the classifier
     align_corners: bool = False
     aux_loss_weight: float = 0.4
-    loss_average: str = "valid"                        # CE mean over non-ignored pixels ("all": every pixel)
+    loss_average: str = "all"                          # CE mean over ALL pixels, ignored ones count 0 (mmseg 0.x); "valid": non-ignored only
     sync_bn: bool = True                               # SyncBN under torchrun on GPU
     # optimisation (PROTOCOLS.md 8, "Optimiser" / "Schedule" / "Batch")
     lr: float = 0.01
@@ -48,7 +48,7 @@ class Config:
     iterations: int = 20000
     eval_interval: int = 2000                          # "Eval cadence"
     checkpoint_interval: int = 2000                    # resume state in the work dir
-    amp: bool = True                                   # float16 autocast on GPU (off on CPU)
+    amp: bool = False                                  # float16 autocast on GPU; off: the configs train in fp32
 
 
 def voc_seg_data(ctx: RunContext) -> SegData:

@@ -5,11 +5,32 @@ parts: a dilated ResNet with the standard 7x7 stem (section 12.10: not the ResNe
 an FCN decode head on layer4 and an auxiliary FCN head on layer3, the mmseg training pipeline
 (random rescale, cat_max_ratio crop, flip, PhotoMetricDistortion, normalise, pad), SGD with the
 poly schedule, whole-image or sliding-window inference, and mIoU accumulated over the whole
-validation set. Runs as one process or under torchrun (DDP, SyncBN on GPU), with AMP on GPU,
-atomic checkpoints in `ctx.work_dir` and evaluation every `eval_interval` iterations.
+validation set. Runs as one process or under torchrun (DDP, SyncBN on GPU; the batch is the
+total over all GPUs, so BN sees the reference's 16 / 8 images at any GPU count), fp32 as the
+reference (AMP on request), atomic checkpoints in `ctx.work_dir` and evaluation every
+`eval_interval` iterations.
 
 A protocol module supplies its `Config` (paper defaults) and the image/label pairs; everything
 else lives here, top to bottom: data pipeline, model, loss, inference, metric, loop.
+
+What the peer tests (tests/peer/test_peer_seg_*.py, against mmseg 0.30 / mmcv 1.7 with the
+MMSelfSup 0.x benchmark configs) pin, each with its bound:
+- train pipeline, same injected draws (rescale ratio, crop incl. cat_max_ratio re-draws and the
+  10-retry fallback, flip, every photometric op, contrast first or last): same draws in the same
+  order, label and 255 padding identical, network input within 1e-5 (mmcv multiplies by 1/std,
+  we divide); resize and colour conversions equal OpenCV's integer/float32 arithmetic bit for bit.
+  Only residue: HSV->RGB follows OpenCV's AVX2 block structure; a reference run on a CPU with
+  another vector width differs by at most 1 grey level on pixels a saturation/hue op touched.
+- test pipeline within 1e-5; JPEG/PNG decoding identical (Pillow vs cv2 / mmseg loaders).
+- model: parameter count and every tensor mapped strictly; whole and slide logits (resized to
+  the original size) within 1e-4, identical argmax; slide windows at the config's crop/stride
+  and test size within 1e-5.
+- loss (decode + 0.4 aux, ignore 255, averaged over ALL pixels as avg_non_ignore=False) within
+  1e-5 relative; every gradient of one training step within 1e-4 relative.
+- lr at each of the 20k / 40k iterations within 1e-12 relative of mmcv's PolyLrUpdaterHook; one
+  SGD group with every parameter decayed, two steps identical.
+- mIoU, aAcc, per-class IoU/Acc within 1e-12 relative of mmseg's mean_iou (ignore 255, classes
+  absent from the labels, label values >= num_classes).
 """
 from __future__ import annotations
 
@@ -60,21 +81,60 @@ def rescale_size(height: int, width: int, scale: Sequence[float]) -> Tuple[int, 
     return int(height * factor + 0.5), int(width * factor + 0.5)
 
 
-def resize_image(image: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
-    """Bilinear resize of a uint8 RGB image, half-pixel centres, no antialiasing (as cv2.INTER_LINEAR)."""
+# OpenCV's 8-bit bilinear resize works in fixed point: 11-bit weights per axis, then the vertical
+# pass scales each row sum down by 4 bits, multiplies by the 16-bit row weight keeping the high
+# half, and rounds by 2 bits. Floating-point bilinear + rounding differs by one grey level on ~10%
+# of pixels; this reproduces cv2.resize(INTER_LINEAR) bit for bit (tests/peer checks random sizes).
+RESIZE_COEF_SCALE = 2048
+
+
+def _linear_taps(src: int, dst: int, clamp: bool) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Source indices (i0, i1) and fixed-point weights (w0, w1) per output position, as OpenCV
+    computes them: centre (d + 0.5) * src / dst - 0.5 in float32; along x a centre outside the image
+    takes the border pixel with weight 1 (`clamp`), along y the weights stay and the row index is
+    clipped to the image."""
+    centre = ((np.arange(dst) + 0.5) * (1.0 / (dst / src)) - 0.5).astype(np.float32)
+    first = np.floor(centre).astype(np.int64)
+    frac = (centre - first).astype(np.float32)
+    if clamp:
+        outside = (first < 0) | (first >= src - 1)
+        frac[outside] = 0.0
+        first = np.clip(first, 0, src - 1)
+    w0 = np.rint((np.float32(1.0) - frac) * np.float32(RESIZE_COEF_SCALE)).astype(np.int32)
+    w1 = np.rint(frac * np.float32(RESIZE_COEF_SCALE)).astype(np.int32)
+    return np.clip(first, 0, src - 1), np.clip(first + 1, 0, src - 1), w0, w1
+
+
+def resize_image(image: np.ndarray, size: Tuple[int, int], rows_per_chunk: int = 256) -> np.ndarray:
+    """Bilinear resize of a uint8 HxWxC image to `size` (h, w), equal to cv2.resize(INTER_LINEAR),
+    which mmcv's imrescale uses. Output rows are computed in chunks to bound memory."""
     if image.shape[:2] == tuple(size):
         return image
-    tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
-    out = F.interpolate(tensor, size=size, mode="bilinear", align_corners=False)
-    return out[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
+    height, width = size
+    x0, x1, wx0, wx1 = _linear_taps(image.shape[1], width, clamp=True)
+    y0, y1, wy0, wy1 = _linear_taps(image.shape[0], height, clamp=False)
+    pixels = image.astype(np.int32)
+    # horizontal pass on every source row, pre-shifted by 4 bits for the vertical pass
+    rows = (pixels[:, x0] * wx0[None, :, None] + pixels[:, x1] * wx1[None, :, None]) >> 4
+    out = np.empty((height, width) + image.shape[2:], dtype=np.uint8)
+    for start in range(0, height, rows_per_chunk):
+        part = slice(start, start + rows_per_chunk)
+        shape = (-1,) + (1,) * (rows.ndim - 1)
+        top = (rows[y0[part]] * wy0[part].reshape(shape)) >> 16
+        bottom = (rows[y1[part]] * wy1[part].reshape(shape)) >> 16
+        out[part] = np.clip((top + bottom + 2) >> 2, 0, 255)
+    return out
 
 
 def resize_label(label: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
-    """Nearest-neighbour resize of a label map (floor(dst * scale), as cv2.INTER_NEAREST)."""
+    """Nearest-neighbour resize of a label map, equal to cv2.resize(INTER_NEAREST): source index
+    floor(d * src / dst) with the scale taken as 1 / (dst / src) in double, as OpenCV does."""
     if label.shape == tuple(size):
         return label
-    tensor = torch.from_numpy(np.ascontiguousarray(label))[None, None]
-    return F.interpolate(tensor, size=size, mode="nearest")[0, 0].numpy()
+    (src_h, src_w), (height, width) = label.shape[:2], size
+    ys = np.minimum(np.floor(np.arange(height) * (1.0 / (height / src_h))).astype(np.int64), src_h - 1)
+    xs = np.minimum(np.floor(np.arange(width) * (1.0 / (width / src_w))).astype(np.int64), src_w - 1)
+    return np.ascontiguousarray(label[ys][:, xs])
 
 
 def random_rescale(image: np.ndarray, label: np.ndarray, scale: Sequence[int],
@@ -115,37 +175,54 @@ def _convert(values: np.ndarray, alpha: float = 1.0, beta: float = 0.0) -> np.nd
     return np.clip(values.astype(np.float32) * alpha + beta, 0, 255).astype(np.uint8)
 
 
+# OpenCV's 8-bit RGB->HSV divides through lookup tables with 12 fractional bits.
+HSV_SHIFT = 12
+_DIVISORS = np.maximum(np.arange(256), 1).astype(np.float64)
+_SAT_TABLE = np.where(np.arange(256) > 0, np.rint((255 << HSV_SHIFT) / _DIVISORS), 0).astype(np.int64)
+_HUE_TABLE = np.where(np.arange(256) > 0, np.rint((180 << HSV_SHIFT) / (6.0 * _DIVISORS)), 0).astype(np.int64)
+# HSV->RGB: for hue sector 0..5, which of (v, p, q, t) is (r, g, b); pixels per vector block
+# (8 float lanes x 4) of OpenCV's AVX2 code
+OPENCV_HSV_BLOCK = 32
+_HSV_SECTORS = np.array([[0, 3, 1], [2, 0, 1], [1, 0, 3], [1, 2, 0], [3, 1, 0], [0, 1, 2]])
+
+
 def rgb_to_hsv_opencv(image: np.ndarray) -> np.ndarray:
-    """uint8 RGB -> uint8 HSV with OpenCV's 8-bit semantics: H in [0, 180) (degrees / 2),
-    S and V in [0, 255], each rounded to nearest (cv2.COLOR_RGB2HSV)."""
-    rgb = image.astype(np.float64)
+    """uint8 RGB -> uint8 HSV exactly as cv2.COLOR_RGB2HSV: H in [0, 180) (degrees / 2), S and V
+    in [0, 255], in OpenCV's integer arithmetic (checked against cv2 on every RGB value)."""
+    rgb = image.astype(np.int64)
     r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
     value = rgb.max(axis=-1)
     diff = value - rgb.min(axis=-1)
-    safe_diff = np.where(diff > 0, diff, 1.0)
-    hue = np.where(value == r, 30.0 * (g - b) / safe_diff,
-                   np.where(value == g, 60.0 + 30.0 * (b - r) / safe_diff, 120.0 + 30.0 * (r - g) / safe_diff))
-    hue = np.floor(np.where(diff > 0, hue, 0.0) + 0.5)
-    hue = np.where(hue < 0, hue + 180.0, hue)
-    saturation = np.floor(np.where(value > 0, diff * 255.0 / np.where(value > 0, value, 1.0), 0.0) + 0.5)
+    half = 1 << (HSV_SHIFT - 1)
+    saturation = (diff * _SAT_TABLE[value] + half) >> HSV_SHIFT
+    hue = np.where(value == r, g - b, np.where(value == g, b - r + 2 * diff, r - g + 4 * diff))
+    hue = (hue * _HUE_TABLE[diff] + half) >> HSV_SHIFT
+    hue = np.where(hue < 0, hue + 180, hue)
     return np.stack([hue, saturation, value], axis=-1).astype(np.uint8)
 
 
 def hsv_opencv_to_rgb(hsv: np.ndarray) -> np.ndarray:
-    """uint8 HSV (OpenCV 8-bit: H in [0, 180)) -> uint8 RGB (cv2.COLOR_HSV2RGB), rounded to nearest."""
-    hue = hsv[..., 0].astype(np.float64) * (6.0 / 180.0)
-    sat = hsv[..., 1].astype(np.float64) / 255.0
-    val = hsv[..., 2].astype(np.float64) / 255.0
+    """uint8 HSV (OpenCV 8-bit: H in [0, 180)) -> uint8 RGB exactly as cv2.COLOR_HSV2RGB does it on
+    an AVX2 CPU (opencv-python's usual dispatch): float32 arithmetic in which `1 - s * x` is one
+    fused multiply-add (emulated in double); each image row goes in blocks of
+    `OPENCV_HSV_BLOCK` pixels through the vector code, which TRUNCATES v * 255, and the last
+    width % 32 pixels of the row through the scalar code, which rounds half to even. mmseg's
+    PhotoMetricDistortion goes through this conversion; tests/peer checks it on every HSV value."""
+    f32 = np.float32
+    hue = hsv[..., 0].astype(f32) * f32(6.0 / 180.0)
+    sat = hsv[..., 1].astype(f32) * f32(1.0 / 255.0)
+    val = hsv[..., 2].astype(f32) * f32(1.0 / 255.0)
     sector = np.floor(hue)
-    frac = hue - sector
+    frac = (hue - sector).astype(f32)
     sector = sector.astype(np.int64) % 6
-    p, q, t = val * (1 - sat), val * (1 - sat * frac), val * (1 - sat * (1 - frac))
-    # standard sector table: (r, g, b) per sector 0..5
-    r = np.choose(sector, [val, q, p, p, t, val])
-    g = np.choose(sector, [t, val, val, q, p, p])
-    b = np.choose(sector, [p, p, t, val, val, q])
-    rgb = np.stack([r, g, b], axis=-1) * 255.0
-    return np.clip(np.floor(rgb + 0.5), 0, 255).astype(np.uint8)
+    sat64 = sat.astype(np.float64)
+    p = (1.0 - sat64).astype(f32) * val
+    q = (1.0 - sat64 * frac.astype(np.float64)).astype(f32) * val
+    t = (1.0 - sat64 * (f32(1.0) - frac).astype(np.float64)).astype(f32) * val
+    table = np.stack([val, p, q, t], axis=-1)
+    rgb = np.take_along_axis(table, _HSV_SECTORS[sector], axis=-1) * f32(255.0)
+    vector_part = (np.arange(hsv.shape[-2]) < hsv.shape[-2] // OPENCV_HSV_BLOCK * OPENCV_HSV_BLOCK)[:, None]
+    return np.clip(np.where(vector_part, np.trunc(rgb), np.rint(rgb)), 0, 255).astype(np.uint8)
 
 
 def photometric_distortion(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -187,6 +264,26 @@ def pad_to(image: torch.Tensor, label: np.ndarray, size: Sequence[int]) -> Tuple
     return image, label_t
 
 
+def train_transform(image: np.ndarray, label: np.ndarray, cfg: Any,
+                    rng: np.random.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The mmseg train pipeline after loading: rescale, crop, flip, photometric distortion,
+    normalise, pad. Every random draw comes from `rng`, in mmseg's order (the peer test replays
+    the same draws through mmseg's own transforms)."""
+    image, label = random_rescale(image, label, cfg.train_scale, cfg.ratio_range, rng)
+    image, label = random_crop(image, label, cfg.crop_size, cfg.cat_max_ratio, rng)
+    if rng.random() < cfg.flip_prob:
+        image, label = image[:, ::-1], label[:, ::-1]
+    if cfg.photometric_distortion:
+        image = photometric_distortion(image, rng)
+    return pad_to(normalize_image(image), label, cfg.crop_size)
+
+
+def val_transform(image: np.ndarray, test_scale: Sequence[int]) -> torch.Tensor:
+    """The mmseg test pipeline: keep-ratio resize to the test scale, normalise (no padding)."""
+    size = rescale_size(image.shape[0], image.shape[1], test_scale)
+    return normalize_image(resize_image(image, size))
+
+
 def load_pair(image_path: Path, label_path: Path) -> Tuple[np.ndarray, np.ndarray]:
     """Decode one image/label pair; a size mismatch is bad input naming the label file."""
     from densebench.data.cityscapes import read_cityscapes_label
@@ -216,16 +313,8 @@ class SegTrainDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, item: Tuple[int, int]) -> Tuple[torch.Tensor, torch.Tensor]:
         index, draw_seed = item
-        cfg = self.cfg
-        rng = np.random.default_rng(draw_seed)
         image, label = load_pair(*self.pairs[index])
-        image, label = random_rescale(image, label, cfg.train_scale, cfg.ratio_range, rng)
-        image, label = random_crop(image, label, cfg.crop_size, cfg.cat_max_ratio, rng)
-        if rng.random() < cfg.flip_prob:
-            image, label = image[:, ::-1], label[:, ::-1]
-        if cfg.photometric_distortion:
-            image = photometric_distortion(image, rng)
-        return pad_to(normalize_image(image), label, cfg.crop_size)
+        return train_transform(image, label, self.cfg, np.random.default_rng(draw_seed))
 
 
 class SegValDataset(torch.utils.data.Dataset):
@@ -241,8 +330,7 @@ class SegValDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> Tuple[torch.Tensor, torch.Tensor]:
         image, label = load_pair(*self.pairs[index])
-        size = rescale_size(image.shape[0], image.shape[1], self.test_scale)
-        return normalize_image(resize_image(image, size)), torch.from_numpy(label.astype(np.int64))
+        return val_transform(image, self.test_scale), torch.from_numpy(label.astype(np.int64))
 
 
 class TrainBatchSampler(torch.utils.data.Sampler):
@@ -411,10 +499,11 @@ def build_segmentor(arch: str, backbone_state: Dict[str, torch.Tensor], cfg: Any
 # ----------------------------------------------------------------------------------------------
 
 def seg_cross_entropy(logits: torch.Tensor, label: torch.Tensor, align_corners: bool,
-                      average: str = "valid") -> torch.Tensor:
+                      average: str = "all") -> torch.Tensor:
     """Pixel-wise CE on logits bilinearly upsampled to the label size, 255 ignored.
-    average "valid": mean over non-ignored pixels (PROTOCOLS.md 8); "all": mean over every pixel
-    (mmseg < 0.23 without avg_non_ignore)."""
+    average "all" (the reference): sum over the valid pixels divided by ALL pixels, ignored and
+    padding included, as mmseg 0.x CrossEntropyLoss with its default avg_non_ignore=False, which
+    the benchmark configs use; "valid": divided by the valid pixels (avg_non_ignore=True)."""
     logits = F.interpolate(logits.float(), size=label.shape[-2:], mode="bilinear", align_corners=align_corners)
     per_pixel = F.cross_entropy(logits, label, ignore_index=IGNORE_INDEX, reduction="none")
     if average == "all":
@@ -468,19 +557,25 @@ def slide_logits(encode: Callable[[torch.Tensor], torch.Tensor], image: torch.Te
     return summed / count
 
 
-def predict(encode: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor, original_size: Sequence[int],
-            num_classes: int, mode: str, align_corners: bool, crop: Sequence[int] = (769, 769),
-            stride: Sequence[int] = (513, 513)) -> torch.Tensor:
-    """Class map [H, W] at the original size: logits (whole or slide) at the test size, resized
-    bilinearly to the original size, then argmax."""
+def predict_logits(encode: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor, original_size: Sequence[int],
+                   num_classes: int, mode: str, align_corners: bool, crop: Sequence[int] = (769, 769),
+                   stride: Sequence[int] = (513, 513)) -> torch.Tensor:
+    """Logits [1, C, H, W] at the original size: whole-image or sliding-window logits at the test
+    size, resized bilinearly to the original size (mmseg's inference with rescale=True)."""
     if mode == "whole":
         logits = encode(image).float()
     elif mode == "slide":
         logits = slide_logits(encode, image, num_classes, crop, stride)
     else:
         raise InputError(None, f"unknown test mode {mode!r} (whole or slide)")
-    logits = F.interpolate(logits, size=tuple(original_size), mode="bilinear", align_corners=align_corners)
-    return logits.argmax(dim=1)[0]
+    return F.interpolate(logits, size=tuple(original_size), mode="bilinear", align_corners=align_corners)
+
+
+def predict(encode: Callable[[torch.Tensor], torch.Tensor], image: torch.Tensor, original_size: Sequence[int],
+            num_classes: int, mode: str, align_corners: bool, crop: Sequence[int] = (769, 769),
+            stride: Sequence[int] = (513, 513)) -> torch.Tensor:
+    """Class map [H, W] at the original size: argmax of `predict_logits`."""
+    return predict_logits(encode, image, original_size, num_classes, mode, align_corners, crop, stride).argmax(dim=1)[0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -543,6 +638,11 @@ def mean_iou(preds: Sequence[Any], labels: Sequence[Any], num_classes: int,
 def poly_lr(iteration: int, total: int, base_lr: float, min_lr: float, power: float) -> float:
     """mmcv PolyLrUpdaterHook (by iteration): (base - min) * (1 - it / total) ** power + min."""
     return (base_lr - min_lr) * (1 - iteration / total) ** power + min_lr
+
+
+def scheduled_lr(iteration: int, cfg: Any) -> float:
+    """The lr of (0-based) `iteration`, set before its step; no warmup (the configs have none)."""
+    return poly_lr(iteration, cfg.iterations, cfg.lr, cfg.min_lr, cfg.poly_power)
 
 
 @dataclass
@@ -625,6 +725,12 @@ def _prepare_model(ctx: RunContext, cfg: Any) -> Tuple[FCNSegmentor, Any, bool]:
     return model.to(ctx.device), info, sync_bn
 
 
+def build_optimizer(model: nn.Module, cfg: Any) -> torch.optim.SGD:
+    """SGD with one group: every parameter, BN and biases included, gets the same lr, momentum
+    and weight decay (mmcv's DefaultOptimizerConstructor without paramwise_cfg)."""
+    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+
+
 def run_segmentation(ctx: RunContext, cfg: Any, protocol: str, data: SegData) -> ProtocolOutput:
     """Train FCN-D8 from the checkpoint's backbone, evaluate every `eval_interval` iterations and at the
     end, and return the final mIoU/aAcc (per-class IoU and the evaluation history in `extra`)."""
@@ -636,7 +742,7 @@ def run_segmentation(ctx: RunContext, cfg: Any, protocol: str, data: SegData) ->
     batch_per_rank = cfg.batch_size // world
     device = ctx.device
     model, info, sync_bn = _prepare_model(ctx, cfg)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    optimizer = build_optimizer(model, cfg)
     use_amp = bool(cfg.amp and device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp)
 
@@ -663,7 +769,7 @@ def run_segmentation(ctx: RunContext, cfg: Any, protocol: str, data: SegData) ->
     iteration = start
     for images, labels in progress:
         for group in optimizer.param_groups:
-            group["lr"] = poly_lr(iteration, cfg.iterations, cfg.lr, cfg.min_lr, cfg.poly_power)
+            group["lr"] = scheduled_lr(iteration, cfg)
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with _autocast(device, use_amp):
             out = train_model(images)
