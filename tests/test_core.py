@@ -4,6 +4,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from dataclasses import dataclass, field
+from typing import Tuple
 
 import pytest
 
@@ -27,7 +28,7 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path):
 @dataclass
 class Cfg:
     lr: float = 0.03
-    steps: tuple = (30, 60, 90)
+    steps: Tuple[int, ...] = (30, 60, 90)
     name: str = "x"
     extra: dict = field(default_factory=dict)
 
