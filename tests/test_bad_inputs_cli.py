@@ -194,6 +194,7 @@ def densebench(*argv: str, cwd: Path) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.slow
 def test_two_evaluate_processes_share_a_results_dir_and_set_values_get_their_types(synth_root,
                                                                                  resnet18_checkpoint, tmp_path):
     """Two `evaluate` runs at once on one results dir (shared feature cache, distinct cells):
@@ -224,13 +225,14 @@ def test_two_evaluate_processes_share_a_results_dir_and_set_values_get_their_typ
     assert leftovers == []
 
 
+@pytest.mark.slow
 def test_pretrain_resumes_after_a_partial_last_log_line(synth_root, tmp_path):
     """A kill while `log.jsonl` is appended leaves a partial last line; --resume drops it with a
     note and finishes (it failed with a JSONDecodeError traceback before)."""
     from densebench.config import make_config
     from densebench.pretrain.trainer import PretrainConfig, read_log, read_training_images, train
 
-    settings = {"epochs": 1, "checkpoint_interval": 2, "workers": 0}
+    settings = {"epochs": 1, "checkpoint_interval": 2, "workers": 0, "image_size": 32, "feat_dim": 16, "hid_dim": 32}
     cfg, label = make_config(PretrainConfig, "pretrain", "tiny", settings)
     images = read_training_images(synth_root / "imagenet")
     work = tmp_path / "work"
