@@ -258,8 +258,8 @@ def test_pretrain_resume_refuses_a_damaged_log_line_before_the_last(synth_root, 
     from densebench.pretrain.trainer import truncate_log
 
     log_path = tmp_path / "log.jsonl"
-    log_path.write_text('{"iteration": 1}\n{"iter\n{"iteration": 2}\n')
-    with pytest.raises(InputError, match="line 2 is not a log record"):
+    log_path.write_text('{"iteration": 1}\n\n{"iter\n{"iteration": 2}\n')
+    with pytest.raises(InputError, match="line 3 is not a log record"):
         truncate_log(log_path, 2)
     log_path.write_text('{"iteration": 1}\n{"iteration": 2}\n{"iteration": 3}\n{"itera')
     truncate_log(log_path, 2)

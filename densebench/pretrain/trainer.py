@@ -300,14 +300,17 @@ def truncate_log(log_path: Path, iteration: int) -> None:
     """
     if not log_path.is_file():
         return
-    lines = [line for line in log_path.read_text(errors="replace").splitlines() if line.strip()]
+    lines = log_path.read_text(errors="replace").splitlines()
+    last_no = max((no for no, line in enumerate(lines, start=1) if line.strip()), default=0)
     kept = []
     for line_no, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
         try:
             entry = json.loads(line)
             entry_iteration = int(entry["iteration"])
         except (ValueError, TypeError, KeyError):
-            if line_no == len(lines):
+            if line_no == last_no:
                 log.warning("%s: dropped a partial last line (a run killed while writing it)", log_path)
                 continue
             raise InputError(log_path, f"line {line_no} is not a log record; fix or delete the file to resume") from None
