@@ -1,6 +1,10 @@
 """The `densebench` command: argparse subcommands, each a thin call into its module.
 
 Exit codes: 0 done, 1 bad input (one line naming the file and the problem), 2 usage error.
+Usage errors are what argparse finds on its own: an unknown option, a value that is not a
+number, outside its range or outside the option's choices. Everything densebench checks
+against what a value refers to (a protocol name, an architecture, a `--set` config field, a
+file or folder) is bad input, exit 1. Either way the message is one line, before any work.
 """
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import argparse
 import importlib
 import logging
 import sys
+from pathlib import Path
 from typing import List, Optional
 
 from densebench.errors import InputError
@@ -31,8 +36,57 @@ HANDLERS = {
 }
 
 
+# subcommand -> the options that name something it writes: (attribute, option, "dir" or "file").
+# Checked before the handler runs, so a path of the wrong kind fails in one line before any work.
+OUTPUTS = {
+    "data synth": (("out", "OUT", "dir"),),
+    "pretrain": (("work_dir", "--work-dir", "dir"),),
+    "convert": (("out", "--out", "file"),),
+    "evaluate": (("out", "--out", "dir"), ("save_features", "--save-features", "dir")),
+    "report": (("out", "--out", "file"),),
+}
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with a one-line error (the usage block it prints first hides the message)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def bounded_int(low: int, high: Optional[int] = None):
+    """argparse type: an integer in [low, high]."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low or (high is not None and value > high):
+            allowed = f">= {low}" if high is None else f"in [{low}, {high}]"
+            raise argparse.ArgumentTypeError(f"must be an integer {allowed}, got {value}")
+        return value
+    return parse
+
+
+SEED = bounded_int(0, 2 ** 32 - 1)          # the seeds numpy accepts
+
+
+def check_output(path: Optional[str], option: str, kind: str) -> None:
+    """`path` can be created or written as a `kind` ("dir" or "file"): one line naming `option` if not."""
+    if path is None:
+        return
+    target = Path(path)
+    if kind == "dir" and target.exists() and not target.is_dir():
+        raise InputError(target, f"{option} must be a directory, but this is a file")
+    if kind == "file" and target.is_dir():
+        raise InputError(target, f"{option} must be a file name, but this is a directory")
+    parent = next(p for p in (target.absolute(), *target.absolute().parents) if p.exists())
+    if parent != target.absolute() and not parent.is_dir():
+        raise InputError(target, f"{option} cannot be created: {parent} is a file")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="densebench", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="densebench", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -41,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth = data_sub.add_parser("synth", help="write the synthetic benchmark in the real dataset layouts")
     synth.add_argument("out", help="output root (gets imagenet/, VOCdevkit/, coco/, ...)")
     synth.add_argument("--scale", choices=("tiny", "small"), default="tiny")
-    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--seed", type=SEED, default=0)
     check = data_sub.add_parser("check", help="report which dataset parts each protocol finds")
     check.add_argument("root", help="data root (holds imagenet/, VOCdevkit/, coco/, ...)")
     check.add_argument("--protocols", default="all", help="all or a comma-separated list")
@@ -79,12 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", default="results")
     ev.add_argument("--name", default=None, help="display name of the checkpoint in reports")
     ev.add_argument("--force", action="store_true", help="recompute cells that already have a record")
-    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--seed", type=SEED, default=0)
     ev.add_argument("--save-features", default=None, metavar="DIR")
     ev.add_argument("--arch", default=None)
     ev.add_argument("--set", action="append", default=[], metavar="PROTOCOL.KEY=VALUE",
                     help="override one protocol config field (recorded; the run is then not comparable)")
-    ev.add_argument("--workers", type=int, default=None,
+    ev.add_argument("--workers", type=bounded_int(0), default=None,
                     help="data-loading workers per process (default: up to 8 on GPU, 0 on CPU)")
     ev.add_argument("--allow-unsafe-pickle", action="store_true")
 
@@ -103,8 +157,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     key = f"data {args.data_command}" if args.command == "data" else args.command
     retain_freed_memory()
     module_name, func_name = HANDLERS[key].split(":")
-    handler = getattr(importlib.import_module(module_name), func_name)
     try:
+        for attribute, option, kind in OUTPUTS.get(key, ()):
+            check_output(getattr(args, attribute), option, kind)
+        handler = getattr(importlib.import_module(module_name), func_name)
         return int(handler(args) or 0)
     except InputError as exc:
         print(f"densebench {key}: error: {exc}", file=sys.stderr)

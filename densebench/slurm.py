@@ -7,7 +7,6 @@ given), evaluation and the report are chained with afterok dependencies.
 """
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
 from typing import List, Optional
@@ -45,16 +44,18 @@ def executor(folder: Path, args, gpus: int, nodes: int, name: str):
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from densebench.cli import SEED, OneLineParser, bounded_int
+
+    parser = OneLineParser(prog="python -m densebench.slurm", description=__doc__.splitlines()[0])
     parser.add_argument("--data-root", required=True)
     parser.add_argument("--out", default="results")
     parser.add_argument("--checkpoint", default=None)
     parser.add_argument("--name", default=None)
-    parser.add_argument("--gpus", type=int, default=8)
-    parser.add_argument("--nodes", type=int, default=1)
+    parser.add_argument("--gpus", type=bounded_int(1), default=8)
+    parser.add_argument("--nodes", type=bounded_int(1), default=1)
     parser.add_argument("--partition", default=None)
-    parser.add_argument("--timeout-min", type=int, default=4320)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--timeout-min", type=bounded_int(1), default=4320)
+    parser.add_argument("--seed", type=SEED, default=0)   # checked here, not after the job is queued
     args = parser.parse_args(argv)
     try:
         import submitit  # noqa: F401

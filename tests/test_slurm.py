@@ -70,3 +70,11 @@ def test_task_sets_the_torchrun_environment(fake_submitit, monkeypatch):
     env = seen["env"]
     assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"], env["MASTER_ADDR"]) == ("3", "16", "1", "node-a")
     assert env["MASTER_PORT"] == "29511" and seen["argv"] == ["report", "x"]
+
+
+@pytest.mark.parametrize("option,value", [("--seed", "-1"), ("--seed", str(2 ** 32)), ("--gpus", "0")])
+def test_bad_numbers_stop_before_a_job_is_queued(option, value, capsys):
+    with pytest.raises(SystemExit) as exc:
+        slurm.main(["--data-root", "d", option, value])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and len(err.strip().splitlines()) == 1 and f"argument {option}" in err

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Tuple
 
 import numpy as np
 import torch
@@ -102,14 +102,18 @@ def estimate(earlier: List[Dict[str, Any]], protocol: str, preset: str) -> str:
     return "unknown (no earlier run here; paper scale takes GPU-hours per protocol)"
 
 
-def plan_cells(args, protocols: List[str], info: CheckpointInfo, results_dir: Path, data_root: Path) -> List[Cell]:
+def build_configs(args, protocols: List[str]) -> Dict[str, Tuple[Any, str]]:
+    """protocol -> (config, preset label), every --set value checked against its field's type."""
     overrides = split_overrides(args.set, protocols)
+    return {name: make_config(protocol_module(name).Config, name, args.preset, overrides[name]) for name in protocols}
+
+
+def plan_cells(args, configs: Dict[str, Tuple[Any, str]], info: CheckpointInfo, results_dir: Path,
+               data_root: Path) -> List[Cell]:
     cells = []
-    for name in protocols:
-        module = protocol_module(name)
-        cfg, label = make_config(module.Config, name, args.preset, overrides[name])
+    for name, (cfg, label) in configs.items():
         key = record_key(name, info.sha256, config_hash(config_dict(cfg)), args.seed)
-        cell = Cell(name, module, cfg, label, key)
+        cell = Cell(name, protocol_module(name), cfg, label, key)
         cell.done = record_path(results_dir, key).is_file() and not args.force
         cell.missing_data = [] if cell.done else missing_data(data_root, name)
         cells.append(cell)
@@ -196,10 +200,10 @@ def main(args) -> int:
     if not data_root.is_dir():
         raise InputError(data_root, "data root not found")
     results_dir = Path(args.out)
-    protocols = parse_protocols(args.protocols)
+    configs = build_configs(args, parse_protocols(args.protocols))   # a bad --set fails here, exit 1
     # Load (strictly) before planning: a checkpoint that does not import fails here, exit 1.
     _, info = build_backbone(args.ckpt, args.arch, args.allow_unsafe_pickle)
-    cells = plan_cells(args, protocols, info, results_dir, data_root)
+    cells = plan_cells(args, configs, info, results_dir, data_root)
     if dist_utils.is_main():
         print_plan(cells, info, results_dir, args.preset)
     failures = []

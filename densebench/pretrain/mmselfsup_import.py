@@ -14,13 +14,13 @@ which must equal `encoder_q.0.*`), otherwise InputError lists what is wrong.
 """
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
 import torch
 
 from densebench.errors import InputError
+from densebench.evaluate.checkpoint import read_checkpoint
 
 # (source prefix, our prefix); the longest matching source prefix wins
 LAYOUT_0X = (("encoder_q.0.", "backbone."), ("encoder_q.1.", "neck."),
@@ -64,23 +64,11 @@ def rename_state(state: Dict[str, torch.Tensor], layout: str, path: Path) -> Dic
     return renamed
 
 
-def read_checkpoint_file(path: Path, allow_unsafe_pickle: bool):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError) as exc:
-        if not allow_unsafe_pickle:
-            raise InputError(path, "holds objects a safe load refuses; if you trust the file, pass "
-                                   f"--allow-unsafe-pickle ({str(exc).splitlines()[0]})") from exc
-        return torch.load(path, map_location="cpu", weights_only=False)
-
-
 def load_densecl_checkpoint(path: "str | Path", model: torch.nn.Module,
                             allow_unsafe_pickle: bool = False) -> Tuple[Dict[str, torch.Tensor], int, dict]:
     """(state dict for `model`, completed epochs from the file's meta or 0, source description)."""
     path = Path(path)
-    if not path.is_file():
-        raise InputError(path, "checkpoint file not found")
-    obj = read_checkpoint_file(path, allow_unsafe_pickle)
+    obj, _ = read_checkpoint(path, allow_unsafe_pickle)      # the safe reader inspect/evaluate use
     if not isinstance(obj, dict):
         raise InputError(path, "not a checkpoint dict")
     state = obj.get("state_dict", obj)

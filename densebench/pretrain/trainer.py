@@ -23,19 +23,20 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Literal, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from densebench import distributed as dist_utils
-from densebench.config import config_dict, make_config, parse_set_options
+from densebench.config import (Fraction, NonNegativeInt, PositiveFloat, PositiveInt, Seed, config_dict, make_config,
+                               parse_set_options)
 from densebench.errors import InputError
 from densebench.io import torch_save_atomic, write_json_atomic, write_text_atomic
 from densebench.pretrain.augment import AugmentConfig, two_views
 from densebench.pretrain.conv_grad import set_fast_weight_grad
-from densebench.pretrain.model import DenseCL, cosine_lr
+from densebench.pretrain.model import ARCHS, DenseCL, cosine_lr
 from densebench.pretrain.step import GraphedTrainStep, train_step
 
 log = logging.getLogger(__name__)
@@ -51,31 +52,31 @@ RESUME_FREE_FIELDS = ("workers", "checkpoint_interval", "keep_epoch_interval", "
 class PretrainConfig:
     """Defaults = the published DenseCL R-50 200-epoch run (PROTOCOLS.md 1.1-1.6)."""
 
-    arch: str = "resnet50"                 # 1.1
-    epochs: int = 200                      # 1.6
-    batch_size: int = 256                  # global images per step (32/GPU x 8), drop_last, 1.6
+    arch: Literal[ARCHS] = "resnet50"      # 1.1
+    epochs: PositiveInt = 200              # 1.6
+    batch_size: PositiveInt = 256          # global images per step (32/GPU x 8), drop_last, 1.6
     lr: float = 0.03                       # SGD, 1.6
-    sgd_momentum: float = 0.9
+    sgd_momentum: Fraction = 0.9
     weight_decay: float = 1e-4             # on all trainable params incl. BN and biases, 1.6
     min_lr: float = 0.0                    # cosine stepped per epoch to 0, 1.6
-    feat_dim: int = 128                    # 1.1 neck out
-    hid_dim: int = 0                       # neck hidden; 0 = backbone channels (2048 for R-50, 1.1)
-    num_grid: Optional[int] = None         # None: no pooling of the dense grid (7x7 at 224), 1.1
-    queue_len: int = 65536                 # 1.3, must be divisible by batch_size
-    ema_momentum: float = 0.999            # key encoder, 1.1
-    temperature: float = 0.2               # 1.1
-    loss_lambda: float = 0.5               # 1.1
+    feat_dim: PositiveInt = 128            # 1.1 neck out
+    hid_dim: NonNegativeInt = 0            # neck hidden; 0 = backbone channels (2048 for R-50, 1.1)
+    num_grid: Optional[PositiveInt] = None  # None: no pooling of the dense grid (7x7 at 224), 1.1
+    queue_len: PositiveInt = 65536         # 1.3, must be divisible by batch_size
+    ema_momentum: Fraction = 0.999         # key encoder, 1.1
+    temperature: PositiveFloat = 0.2       # 1.1
+    loss_lambda: Fraction = 0.5            # 1.1
     lambda_warmup: bool = False            # DenseCLHook (lambda=0 before start iters); off in the published runs, 1.4
-    lambda_warmup_iters: int = 1000        # DenseCLHook start_iters, 1.4
-    image_size: int = 224                  # RandomResizedCrop output, 1.5
+    lambda_warmup_iters: NonNegativeInt = 1000  # DenseCLHook start_iters, 1.4
+    image_size: PositiveInt = 224          # RandomResizedCrop output, 1.5
     # Images per BN batch inside one process; 32 = the reference's per-GPU BN (12.2). On 8 GPUs
     # x 32 this is plain BN; on one process with 256 it means 8 ghost-BN groups. 0 = BN over the
     # whole per-process batch (a recorded deviation when that is not 32).
-    bn_group_size: int = 32
+    bn_group_size: NonNegativeInt = 32
     # Backbone conv init: fan_out = [0x]/[1x] (mmcv KaimingInit), the version whose runs produced
     # the published numbers (PROTOCOLS.md 0); fan_in = [DC]. 12.3
-    init_style: str = "fan_out"
-    seed: int = 0
+    init_style: Literal["fan_out", "fan_in"] = "fan_out"
+    seed: Seed = 0
     bf16: Optional[bool] = None            # bf16 autocast; None: on with CUDA, off on CPU (reference: fp32)
     # channels_last activations and weights; None = on (CUDA and CPU). On the 2-core AMD EPYC CPU,
     # ResNet-50 batch 32: 224 px 13.1 vs 14.6 s/step NCHW, 96 px 2.76 vs 3.02 s; resnet18 64 px
@@ -95,9 +96,9 @@ class PretrainConfig:
     # Replay each step from a CUDA graph (densebench.pretrain.step.GraphedTrainStep): same kernels,
     # launched at once. None = on with CUDA in a single process without compile (not under DDP).
     cuda_graph: Optional[bool] = None
-    workers: int = 8                       # loader processes per rank
-    checkpoint_interval: int = 1000        # iterations between checkpoints (plus one at every epoch end)
-    keep_epoch_interval: int = 10          # epoch checkpoints kept every N epochs (reference interval, 1.6)
+    workers: NonNegativeInt = 8            # loader processes per rank
+    checkpoint_interval: NonNegativeInt = 1000  # iterations between checkpoints (plus one at every epoch end)
+    keep_epoch_interval: NonNegativeInt = 10  # epoch checkpoints kept every N epochs (reference interval, 1.6)
 
 
 # --------------------------------------------------------------------------- data
@@ -291,11 +292,30 @@ def extract_backbone(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Ten
 
 
 def truncate_log(log_path: Path, iteration: int) -> None:
-    """Keep only the records up to `iteration` (a resumed run rewrites what followed)."""
+    """Keep only the records up to `iteration` (a resumed run rewrites what followed).
+
+    A process killed while appending leaves a partial last line: that line is dropped with a
+    note (its iteration is past the checkpoint anyway). An unreadable line elsewhere is damage
+    we cannot explain, so it stops the resume naming the line.
+    """
     if not log_path.is_file():
         return
-    kept = [line for line in log_path.read_text().splitlines()
-            if line.strip() and json.loads(line)["iteration"] <= iteration]
+    lines = log_path.read_text(errors="replace").splitlines()
+    last_no = max((no for no, line in enumerate(lines, start=1) if line.strip()), default=0)
+    kept = []
+    for line_no, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+            entry_iteration = int(entry["iteration"])
+        except (ValueError, TypeError, KeyError):
+            if line_no == last_no:
+                log.warning("%s: dropped a partial last line (a run killed while writing it)", log_path)
+                continue
+            raise InputError(log_path, f"line {line_no} is not a log record; fix or delete the file to resume") from None
+        if entry_iteration <= iteration:
+            kept.append(line)
     write_text_atomic(log_path, "".join(line + "\n" for line in kept))
 
 
@@ -541,6 +561,8 @@ def read_training_images(data: "str | Path") -> List[Path]:
 def main(args) -> int:
     overrides = parse_set_options(args.set)
     if args.arch:
+        if args.arch not in ARCHS:
+            raise InputError(None, f"unknown --arch {args.arch!r}; pre-training knows {', '.join(ARCHS)}")
         overrides["arch"] = args.arch
     cfg, label = make_config(PretrainConfig, "pretrain", args.preset, overrides)
     device = dist_utils.init_distributed()

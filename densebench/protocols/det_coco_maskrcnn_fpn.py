@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Tuple
 import numpy as np
 
 from densebench import distributed as dist_utils
+from densebench.config import Fraction, Milestones, NonNegativeInt, PositiveFloat, PositiveInt
 from densebench.data.coco import category_ids, read_coco_instances, segmentation_to_mask
 from densebench.data.layout import coco_root
 from densebench.errors import InputError
@@ -29,57 +30,57 @@ NAME = "det_coco_maskrcnn_fpn"
 @dataclass
 class Config:
     # input (7.1 "Train aug", "Test input")
-    train_min_sizes: Tuple[int, ...] = tuple(range(640, 801, 32))
-    train_max_size: int = 1333
-    test_min_size: int = 800
-    test_max_size: int = 1333
-    flip_prob: float = 0.5
+    train_min_sizes: Tuple[PositiveInt, ...] = tuple(range(640, 801, 32))
+    train_max_size: PositiveInt = 1333
+    test_min_size: PositiveInt = 800
+    test_max_size: PositiveInt = 1333
+    flip_prob: Fraction = 0.5
     # FPN P2-P6 (7.1 "Backbone/FPN")
-    fpn_channels: int = 256
+    fpn_channels: PositiveInt = 256
     # RPN (7.1 "RPN"): anchor scale 8 x strides 4..64 = 32..512 px; pre-NMS counts are per level
-    anchor_scale: float = 8.0
-    anchor_ratios: Tuple[float, ...] = (0.5, 1.0, 2.0)
-    rpn_fg_iou: float = 0.7
-    rpn_bg_iou: float = 0.3
-    rpn_batch_per_image: int = 256
-    rpn_positive_fraction: float = 0.5
-    rpn_pre_nms_train: int = 2000
-    rpn_post_nms_train: int = 1000
-    rpn_pre_nms_test: int = 1000
-    rpn_post_nms_test: int = 1000
-    rpn_nms: float = 0.7
+    anchor_scale: PositiveFloat = 8.0
+    anchor_ratios: Tuple[PositiveFloat, ...] = (0.5, 1.0, 2.0)
+    rpn_fg_iou: Fraction = 0.7
+    rpn_bg_iou: Fraction = 0.3
+    rpn_batch_per_image: PositiveInt = 256
+    rpn_positive_fraction: Fraction = 0.5
+    rpn_pre_nms_train: PositiveInt = 2000
+    rpn_post_nms_train: PositiveInt = 1000
+    rpn_pre_nms_test: PositiveInt = 1000
+    rpn_post_nms_test: PositiveInt = 1000
+    rpn_nms: Fraction = 0.7
     # heads (7.1 "Box head", "Mask head", "RCNN train")
-    box_roi_size: int = 7
-    mask_roi_size: int = 14
-    head_channels: int = 256
-    box_head_convs: int = 4
-    box_head_fc: int = 1024
-    mask_head_convs: int = 4
-    roi_fg_iou: float = 0.5
-    roi_bg_iou: float = 0.5
-    roi_batch_per_image: int = 512
-    roi_positive_fraction: float = 0.25
+    box_roi_size: PositiveInt = 7
+    mask_roi_size: PositiveInt = 14
+    head_channels: PositiveInt = 256
+    box_head_convs: NonNegativeInt = 4
+    box_head_fc: PositiveInt = 1024
+    mask_head_convs: NonNegativeInt = 4
+    roi_fg_iou: Fraction = 0.5
+    roi_bg_iou: Fraction = 0.5
+    roi_batch_per_image: PositiveInt = 512
+    roi_positive_fraction: Fraction = 0.25
     # test (7.1 "Test")
-    test_score_thresh: float = 0.05
-    test_nms: float = 0.5
-    test_detections_per_img: int = 100
-    mask_threshold: float = 0.5
+    test_score_thresh: Fraction = 0.05
+    test_nms: Fraction = 0.5
+    test_detections_per_img: PositiveInt = 100
+    mask_threshold: Fraction = 0.5
     # solver (7.1 "Solver", "Batch")
     base_lr: float = 0.02
-    momentum: float = 0.9
+    momentum: Fraction = 0.9
     weight_decay: float = 1e-4
-    epochs: int = 12
-    lr_step_epochs: Tuple[int, ...] = (8, 11)
-    warmup_iters: int = 1000
-    warmup_factor: float = 0.001
-    images_per_step: int = 16                       # total batch the schedule is written for (8 GPUs x 2)
-    images_per_gpu: int = 2
+    epochs: PositiveInt = 12
+    lr_step_epochs: Milestones = (8, 11)
+    warmup_iters: NonNegativeInt = 1000
+    warmup_factor: Fraction = 0.001
+    images_per_step: PositiveInt = 16               # total batch the schedule is written for (8 GPUs x 2)
+    images_per_gpu: PositiveInt = 2
     amp: bool = True                                # GPU only
-    eval_interval: int = 0                          # iterations; 0 = after every epoch (mmdet)
-    checkpoint_interval: int = 2000
-    log_interval: int = 50
-    max_iter: int = 0                               # > 0: override the epoch-derived length (smoke runs)
-    max_val_images: int = 0                         # 0 = all of val2017 (smoke runs only)
+    eval_interval: NonNegativeInt = 0               # iterations; 0 = after every epoch (mmdet)
+    checkpoint_interval: NonNegativeInt = 2000
+    log_interval: PositiveInt = 50
+    max_iter: NonNegativeInt = 0                    # > 0: override the epoch-derived length (smoke runs)
+    max_val_images: NonNegativeInt = 0              # 0 = all of val2017 (smoke runs only)
 
 
 # ---------------------------------------------------------------------------------------------

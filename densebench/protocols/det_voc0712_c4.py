@@ -13,11 +13,12 @@ coordinates (xmin - 1, ymin - 1, xmax, ymax), see voc_det_eval.py; saved detecti
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Literal, Tuple
 
 import numpy as np
 
 from densebench import distributed as dist_utils
+from densebench.config import Fraction, Milestones, NonNegativeInt, PositiveFloat, PositiveInt
 from densebench.data.layout import voc07_root, voc12_root
 from densebench.data.voc import VOC_CLASSES, read_voc_det
 from densebench.errors import InputError
@@ -33,51 +34,51 @@ CONVENTIONS = ("mmdet", "detectron2")
 @dataclass
 class Config:
     # data and convention (6.1 "Train data", 6.2 "Data", 12.9)
-    convention: str = "mmdet"                       # "mmdet" (82.14) | "detectron2"
+    convention: Literal[CONVENTIONS] = "mmdet"      # "mmdet" (82.14) | "detectron2"
     # input (6.1 "Train aug" / "Test")
-    train_min_sizes: Tuple[int, ...] = tuple(range(480, 801, 32))
-    train_max_size: int = 1333
-    test_min_size: int = 800
-    test_max_size: int = 1333
-    flip_prob: float = 0.5
+    train_min_sizes: Tuple[PositiveInt, ...] = tuple(range(480, 801, 32))
+    train_max_size: PositiveInt = 1333
+    test_min_size: PositiveInt = 800
+    test_max_size: PositiveInt = 1333
+    flip_prob: Fraction = 0.5
     # RPN on res4, stride 16 (6.1 "RPN")
-    anchor_scales: Tuple[float, ...] = (2.0, 4.0, 8.0, 16.0, 32.0)   # x stride 16 = 32..512 px
-    anchor_ratios: Tuple[float, ...] = (0.5, 1.0, 2.0)
-    rpn_fg_iou: float = 0.7
-    rpn_bg_iou: float = 0.3
-    rpn_batch_per_image: int = 256
-    rpn_positive_fraction: float = 0.5
-    rpn_pre_nms_train: int = 12000
-    rpn_post_nms_train: int = 2000
-    rpn_pre_nms_test: int = 6000
-    rpn_post_nms_test: int = 1000
-    rpn_nms: float = 0.7
+    anchor_scales: Tuple[PositiveFloat, ...] = (2.0, 4.0, 8.0, 16.0, 32.0)  # x stride 16 = 32..512 px
+    anchor_ratios: Tuple[PositiveFloat, ...] = (0.5, 1.0, 2.0)
+    rpn_fg_iou: Fraction = 0.7
+    rpn_bg_iou: Fraction = 0.3
+    rpn_batch_per_image: PositiveInt = 256
+    rpn_positive_fraction: Fraction = 0.5
+    rpn_pre_nms_train: PositiveInt = 12000
+    rpn_post_nms_train: PositiveInt = 2000
+    rpn_pre_nms_test: PositiveInt = 6000
+    rpn_post_nms_test: PositiveInt = 1000
+    rpn_nms: Fraction = 0.7
     # RoI head: RoIAlign 14 -> res5 -> extra BN -> avg-pool -> cls / class-specific box (6.1 "RoI head")
-    roi_output_size: int = 14
-    roi_fg_iou: float = 0.5
-    roi_bg_iou: float = 0.5
-    roi_batch_per_image: int = 512
-    roi_positive_fraction: float = 0.25
+    roi_output_size: PositiveInt = 14
+    roi_fg_iou: Fraction = 0.5
+    roi_bg_iou: Fraction = 0.5
+    roi_batch_per_image: PositiveInt = 512
+    roi_positive_fraction: Fraction = 0.25
     # test post-processing (6.1 "Test post-proc")
-    test_score_thresh: float = 0.05
-    test_nms: float = 0.5
-    test_detections_per_img: int = 100
+    test_score_thresh: Fraction = 0.05
+    test_nms: Fraction = 0.5
+    test_detections_per_img: PositiveInt = 100
     # solver (6.1 "Solver", "Batch"); schedule scaled linearly when the total batch differs
     base_lr: float = 0.02
-    momentum: float = 0.9
+    momentum: Fraction = 0.9
     weight_decay: float = 1e-4
-    max_iter: int = 24000
-    lr_steps: Tuple[int, ...] = (18000, 22000)
-    warmup_iters: int = 100
-    warmup_factor: float = 0.001
-    images_per_step: int = 16                       # total batch the schedule is written for (8 GPUs x 2)
-    images_per_gpu: int = 2
+    max_iter: PositiveInt = 24000
+    lr_steps: Milestones = (18000, 22000)
+    warmup_iters: NonNegativeInt = 100
+    warmup_factor: Fraction = 0.001
+    images_per_step: PositiveInt = 16               # total batch the schedule is written for (8 GPUs x 2)
+    images_per_gpu: PositiveInt = 2
     amp: bool = True                                # GPU only
-    eval_interval: int = 2000                       # 6.1 "Eval"
-    checkpoint_interval: int = 2000
-    log_interval: int = 20
-    precise_bn_iters: int = 200                     # used by the detectron2 convention only
-    max_test_images: int = 0                        # 0 = the whole test set (smoke runs only)
+    eval_interval: NonNegativeInt = 2000            # 6.1 "Eval"
+    checkpoint_interval: NonNegativeInt = 2000
+    log_interval: PositiveInt = 20
+    precise_bn_iters: NonNegativeInt = 200          # used by the detectron2 convention only
+    max_test_images: NonNegativeInt = 0             # 0 = the whole test set (smoke runs only)
 
 
 def convention_settings(cfg: Config) -> Dict[str, Any]:

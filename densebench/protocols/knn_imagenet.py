@@ -17,11 +17,12 @@ broken by the lower class index (the reference's order there is unspecified).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Sequence, Tuple
+from typing import Dict, Literal, Sequence, Tuple
 
 import numpy as np
 import torch
 
+from densebench.config import PositiveFloat, PositiveInt
 from densebench.data.imagenet import read_imagenet
 from densebench.data.layout import imagenet_root
 from densebench.errors import InputError
@@ -34,15 +35,15 @@ BACKENDS = ("torch", "faiss")
 
 @dataclass
 class Config:
-    ks: Tuple[int, ...] = (10, 20, 100, 200)       # 5: test_knn.py --num-knn default
-    temperature: float = 0.07                       # 5: T
-    resize_short: int = 256                         # 5: Resize 256, CenterCrop 224
-    image_size: int = 224
-    batch_size: int = 256                           # 5: extraction batch 256 per GPU
+    ks: Tuple[PositiveInt, ...] = (10, 20, 100, 200)  # 5: test_knn.py --num-knn default
+    temperature: PositiveFloat = 0.07               # 5: T
+    resize_short: PositiveInt = 256                 # 5: Resize 256, CenterCrop 224
+    image_size: PositiveInt = 224
+    batch_size: PositiveInt = 256                   # 5: extraction batch 256 per GPU
     amp: bool = True                                # fp16 autocast on CUDA (reference: fp32)
-    query_chunk: int = 500                          # 5: 50000 / 100 queries per chunk (no effect on results)
-    bank_chunk: int = 262144                        # train rows per similarity block (memory bound)
-    backend: str = "torch"                          # "torch" or "faiss" (exact inner-product index)
+    query_chunk: PositiveInt = 500                  # 5: 50000 / 100 queries per chunk (no effect on results)
+    bank_chunk: PositiveInt = 262144                # train rows per similarity block (memory bound)
+    backend: Literal[BACKENDS] = "torch"            # "torch" or "faiss" (exact inner-product index)
 
 
 def normalize_rows(x: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ from typing import Tuple
 
 from torchvision import transforms as T
 
+from densebench.config import Fraction, Milestones, NonNegativeFloat, PositiveInt
 from densebench.evaluate.context import ProtocolOutput, RunContext
 from densebench.protocols.linear_probe import crop_flip_transform, load_probe_data, run_probe
 
@@ -19,20 +20,20 @@ NAME = "linear_imagenet"
 
 @dataclass
 class Config:
-    num_classes: int = 1000                         # 3b: Linear(2048 -> 1000)
-    epochs: int = 100                               # 3b
+    num_classes: PositiveInt = 1000                 # 3b: Linear(2048 -> 1000)
+    epochs: PositiveInt = 100                       # 3b
     lr: float = 30.0                                # 3b: SGD lr 30
-    momentum: float = 0.9
+    momentum: Fraction = 0.9
     weight_decay: float = 0.0                       # 3b: wd 0
     nesterov: bool = False                          # 3b: no nesterov
-    lr_steps: Tuple[int, ...] = (60, 80)            # 3b: x0.1 at 60 and 80
+    lr_steps: Milestones = (60, 80)                 # 3b: x0.1 at 60 and 80
     lr_gamma: float = 0.1
-    batch_size: int = 256                           # global batch, 32 x 8 GPUs
-    init_std: float = 0.01                          # N(0, 0.01), bias 0
-    crop_size: int = 224                            # RandomResizedCrop 224 / CenterCrop 224
-    resize_size: int = 256                          # test: resize short side 256
-    rrc_scale: Tuple[float, float] = (0.08, 1.0)    # default RRC scale, bilinear
-    eval_interval: int = 1                          # [0x] evaluation interval=1
+    batch_size: PositiveInt = 256                   # global batch, 32 x 8 GPUs
+    init_std: NonNegativeFloat = 0.01               # N(0, 0.01), bias 0
+    crop_size: PositiveInt = 224                    # RandomResizedCrop 224 / CenterCrop 224
+    resize_size: PositiveInt = 256                  # test: resize short side 256
+    rrc_scale: Tuple[Fraction, Fraction] = (0.08, 1.0)  # default RRC scale, bilinear
+    eval_interval: PositiveInt = 1                  # [0x] evaluation interval=1
     amp: bool = True                                # bf16 autocast of the backbone on GPU
     channels_last: bool = True                      # on GPU
     fast: bool = False                              # cached features, no augmentation: not comparable

@@ -8,34 +8,35 @@ Trainer: `linear_probe`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Literal, Tuple
 
 from torchvision import transforms as T
 
+from densebench.config import Fraction, Milestones, NonNegativeFloat, PositiveInt
 from densebench.evaluate.context import ProtocolOutput, RunContext
-from densebench.protocols.linear_probe import crop_flip_transform, load_probe_data, run_probe
+from densebench.protocols.linear_probe import POOLINGS, crop_flip_transform, load_probe_data, run_probe
 
 NAME = "linear_inat18_mhead"
 
 
 @dataclass
 class Config:
-    num_classes: int = 8142                         # 4: 8142 classes
-    epochs: int = 84                                # 4
+    num_classes: PositiveInt = 8142                 # 4: 8142 classes
+    epochs: PositiveInt = 84                        # 4
     lr: float = 0.01                                # 4: SGD 0.01
-    momentum: float = 0.9
+    momentum: Fraction = 0.9
     weight_decay: float = 1e-4
     nesterov: bool = True
-    lr_steps: Tuple[int, ...] = (24, 48, 72)        # 4: x0.1 each
+    lr_steps: Milestones = (24, 48, 72)             # 4: x0.1 each
     lr_gamma: float = 0.1
-    batch_size: int = 256                           # global batch, 32 x 8 GPUs
-    init_std: float = 0.01                          # N(0, 0.01), bias 0
-    bn_momentum: float = 0.1                        # BatchNorm2d(C, affine=False, momentum 0.1), SyncBN
-    pooling: str = "specified"                      # 2.1 AvgPool2d specs; "adaptive" = same grids, any size
-    crop_size: int = 224                            # RandomResizedCrop 224 / test CenterCrop 224
-    resize_size: int = 256                          # test: resize short side 256
-    rrc_scale: Tuple[float, float] = (0.08, 1.0)    # default RRC scale, bilinear
-    eval_interval: int = 10                         # every 10 epochs (and at the end)
+    batch_size: PositiveInt = 256                   # global batch, 32 x 8 GPUs
+    init_std: NonNegativeFloat = 0.01               # N(0, 0.01), bias 0
+    bn_momentum: Fraction = 0.1                     # BatchNorm2d(C, affine=False, momentum 0.1), SyncBN
+    pooling: Literal[POOLINGS] = "specified"        # 2.1 AvgPool2d specs; "adaptive" = same grids, any size
+    crop_size: PositiveInt = 224                    # RandomResizedCrop 224 / test CenterCrop 224
+    resize_size: PositiveInt = 256                  # test: resize short side 256
+    rrc_scale: Tuple[Fraction, Fraction] = (0.08, 1.0)  # default RRC scale, bilinear
+    eval_interval: PositiveInt = 10                 # every 10 epochs (and at the end)
     amp: bool = True                                # bf16 autocast of the backbone on GPU
     channels_last: bool = True                      # on GPU
     fast: bool = False                              # cached features, no augmentation: not comparable

@@ -7,34 +7,35 @@ Linear -> 205); 28 epochs, steps [7, 14, 21]. Trainer: `linear_probe`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Literal
 
 from torchvision import transforms as T
 
+from densebench.config import Fraction, Milestones, NonNegativeFloat, PositiveInt
 from densebench.evaluate.context import ProtocolOutput, RunContext
-from densebench.protocols.linear_probe import load_probe_data, normalize, run_probe
+from densebench.protocols.linear_probe import POOLINGS, load_probe_data, normalize, run_probe
 
 NAME = "linear_places205_mhead"
 
 
 @dataclass
 class Config:
-    num_classes: int = 205                          # 4: 205 classes
-    epochs: int = 28                                # 4
+    num_classes: PositiveInt = 205                  # 4: 205 classes
+    epochs: PositiveInt = 28                        # 4
     lr: float = 0.01                                # 4: SGD 0.01
-    momentum: float = 0.9
+    momentum: Fraction = 0.9
     weight_decay: float = 1e-4
     nesterov: bool = True
-    lr_steps: Tuple[int, ...] = (7, 14, 21)         # 4: x0.1 each
+    lr_steps: Milestones = (7, 14, 21)              # 4: x0.1 each
     lr_gamma: float = 0.1
-    batch_size: int = 256                           # global batch, 32 x 8 GPUs
-    init_std: float = 0.01                          # N(0, 0.01), bias 0
-    bn_momentum: float = 0.1                        # BatchNorm2d(C, affine=False, momentum 0.1), SyncBN
-    pooling: str = "specified"                      # 2.1 AvgPool2d specs; "adaptive" = same grids, any size
-    crop_size: int = 224                            # RandomCrop 224 / test CenterCrop 224
-    resize_size: int = 256                          # train and test: resize short side 256
-    train_center_crop: int = 256                    # train: CenterCrop 256 before RandomCrop 224
-    eval_interval: int = 10                         # every 10 epochs (and at the end)
+    batch_size: PositiveInt = 256                   # global batch, 32 x 8 GPUs
+    init_std: NonNegativeFloat = 0.01               # N(0, 0.01), bias 0
+    bn_momentum: Fraction = 0.1                     # BatchNorm2d(C, affine=False, momentum 0.1), SyncBN
+    pooling: Literal[POOLINGS] = "specified"        # 2.1 AvgPool2d specs; "adaptive" = same grids, any size
+    crop_size: PositiveInt = 224                    # RandomCrop 224 / test CenterCrop 224
+    resize_size: PositiveInt = 256                  # train and test: resize short side 256
+    train_center_crop: PositiveInt = 256            # train: CenterCrop 256 before RandomCrop 224
+    eval_interval: PositiveInt = 10                 # every 10 epochs (and at the end)
     amp: bool = True                                # bf16 autocast of the backbone on GPU
     channels_last: bool = True                      # on GPU
     fast: bool = False                              # cached features, no augmentation: not comparable

@@ -18,17 +18,20 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Literal, Optional, Tuple
 
 import numpy as np
 from tqdm import tqdm
 
 from densebench import distributed as dist_utils
+from densebench.config import PositiveFloat, PositiveInt
 from densebench.data.layout import voc07_root
 from densebench.data.voc import VOC_CLASSES
+from densebench.evaluate.backbone import LAYERS
 from densebench.evaluate.context import ProtocolOutput, RunContext
 from densebench.io import write_json_atomic
 from densebench.protocols.svm_voc07 import load_voc07_features, solver_options
+from densebench.protocols.svm_solver import BACKENDS as SVM_BACKENDS
 from densebench.protocols.svm_solver import l2_normalize
 from densebench.protocols.voc_svm_common import (LOWSHOT_KS, REFERENCE_COSTS, SolverOptions, aggregate_lowshot,
                                                  lowshot_fit_and_test, lowshot_rng, ranking_ap,
@@ -40,20 +43,20 @@ COST_SELECTIONS = ("test_mean", "cv")
 
 @dataclass
 class Config:
-    layers: Tuple[str, ...] = ("feat5",)             # README low-shot row = feature5
-    ks: Tuple[int, ...] = LOWSHOT_KS                  # 2.4: 1, 2, 4, 8, 16, 32, 64, 96
-    num_samples: int = 5                              # 2.4: 5 independent samples
-    costs: Tuple[float, ...] = REFERENCE_COSTS        # 2.4: same 19 costs as the full SVM
-    cost_selection: str = "test_mean"                 # 2.4: published rule (chosen on test)
-    pos_weight: float = 2.0                           # same LinearSVC settings as 2.3
-    neg_weight: float = 1.0
-    resize_short: int = 256
-    image_size: int = 224
-    batch_size: int = 256
+    layers: Tuple[Literal[LAYERS], ...] = ("feat5",)  # README low-shot row = feature5
+    ks: Tuple[PositiveInt, ...] = LOWSHOT_KS          # 2.4: 1, 2, 4, 8, 16, 32, 64, 96
+    num_samples: PositiveInt = 5                      # 2.4: 5 independent samples
+    costs: Tuple[PositiveFloat, ...] = REFERENCE_COSTS  # 2.4: same 19 costs as the full SVM
+    cost_selection: Literal[COST_SELECTIONS] = "test_mean"  # 2.4: published rule (chosen on test)
+    pos_weight: PositiveFloat = 2.0                   # same LinearSVC settings as 2.3
+    neg_weight: PositiveFloat = 1.0
+    resize_short: PositiveInt = 256
+    image_size: PositiveInt = 224
+    batch_size: PositiveInt = 256
     amp: bool = True
-    svm_backend: str = "torch"
-    svm_tol: float = 1e-6
-    svm_dtype: str = "float64"
+    svm_backend: Literal[SVM_BACKENDS] = "torch"
+    svm_tol: PositiveFloat = 1e-6
+    svm_dtype: Literal["float64", "float32"] = "float64"
 
 
 # ----------------------------------------------------------------------------- resumable state

@@ -7,8 +7,9 @@ Model, pipeline, loop and metric are shared with Cityscapes in `segmentation.py`
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Literal, Tuple
 
+from densebench.config import Fraction, PositiveFloat, PositiveInt
 from densebench.data.layout import voc12_root
 from densebench.evaluate.context import ProtocolOutput, RunContext
 from densebench.protocols.segmentation import SegData, run_segmentation
@@ -19,35 +20,35 @@ NAME = "seg_voc12aug_fcn"
 @dataclass
 class Config:
     # data (PROTOCOLS.md 8, "Train data" / "Train aug" / "Test")
-    num_classes: int = 21                              # 20 VOC classes + background
-    crop_size: Tuple[int, int] = (512, 512)            # (h, w) RandomCrop and Pad
-    train_scale: Tuple[int, int] = (2048, 512)         # Resize img_scale (long, short bounds), keep ratio
-    ratio_range: Tuple[float, float] = (0.5, 2.0)      # random rescale ratio
-    cat_max_ratio: float = 0.75                        # RandomCrop category-max rule
-    flip_prob: float = 0.5
+    num_classes: PositiveInt = 21                      # 20 VOC classes + background
+    crop_size: Tuple[PositiveInt, PositiveInt] = (512, 512)  # (h, w) RandomCrop and Pad
+    train_scale: Tuple[PositiveInt, PositiveInt] = (2048, 512)  # Resize img_scale (long, short bounds), keep ratio
+    ratio_range: Tuple[PositiveFloat, PositiveFloat] = (0.5, 2.0)  # random rescale ratio
+    cat_max_ratio: Fraction = 0.75                     # RandomCrop category-max rule
+    flip_prob: Fraction = 0.5
     photometric_distortion: bool = True                # brightness/contrast/saturation/hue, p=0.5 each
-    test_scale: Tuple[int, int] = (2048, 512)          # test Resize, keep ratio
-    test_mode: str = "whole"                           # test_cfg mode='whole'
-    slide_crop: Tuple[int, int] = (512, 512)           # unused with mode 'whole'
-    slide_stride: Tuple[int, int] = (341, 341)         # unused with mode 'whole'
+    test_scale: Tuple[PositiveInt, PositiveInt] = (2048, 512)  # test Resize, keep ratio
+    test_mode: Literal["whole", "slide"] = "whole"     # test_cfg mode='whole'
+    slide_crop: Tuple[PositiveInt, PositiveInt] = (512, 512)  # unused with mode 'whole'
+    slide_stride: Tuple[PositiveInt, PositiveInt] = (341, 341)  # unused with mode 'whole'
     # model (PROTOCOLS.md 8, "Backbone" / "Decode head" / "Aux head")
-    head_channels: int = 512                           # FCNHead channels
-    aux_channels: int = 256                            # auxiliary FCNHead channels
-    dropout: float = 0.1                               # Dropout2d before the classifier
+    head_channels: PositiveInt = 512                   # FCNHead channels
+    aux_channels: PositiveInt = 256                    # auxiliary FCNHead channels
+    dropout: Fraction = 0.1                            # Dropout2d before the classifier
     align_corners: bool = False
     aux_loss_weight: float = 0.4
-    loss_average: str = "all"                          # CE mean over ALL pixels, ignored ones count 0 (mmseg 0.x); "valid": non-ignored only
+    loss_average: Literal["valid", "all"] = "all"      # CE mean over ALL pixels, ignored ones count 0 (mmseg 0.x); "valid": non-ignored only
     sync_bn: bool = True                               # SyncBN under torchrun on GPU
     # optimisation (PROTOCOLS.md 8, "Optimiser" / "Schedule" / "Batch")
     lr: float = 0.01
-    momentum: float = 0.9
+    momentum: Fraction = 0.9
     weight_decay: float = 5e-4
     poly_power: float = 0.9
     min_lr: float = 1e-4
-    batch_size: int = 16                               # total over all GPUs (4 GPUs x 4)
-    iterations: int = 20000
-    eval_interval: int = 2000                          # "Eval cadence"
-    checkpoint_interval: int = 2000                    # resume state in the work dir
+    batch_size: PositiveInt = 16                       # total over all GPUs (4 GPUs x 4)
+    iterations: PositiveInt = 20000
+    eval_interval: PositiveInt = 2000                  # "Eval cadence"
+    checkpoint_interval: PositiveInt = 2000            # resume state in the work dir
     amp: bool = False                                  # float16 autocast on GPU; off: the configs train in fp32
 
 
