@@ -177,8 +177,7 @@ class LoaderClock:
 
         def timed_iter(loader):
             inner = clock._original(loader)
-            record = {"batch": loader.batch_size or getattr(loader.batch_sampler, "batch_size", 1),
-                      "asked": [], "got": []}
+            record = {"batch": None if loader.batch_sampler is not None else 1, "asked": [], "got": []}
             clock.series.append(record)
 
             class Timed:
@@ -186,9 +185,11 @@ class LoaderClock:
                     return self
 
                 def __next__(self):
-                    record["asked"].append(clock._stamp())
+                    record["asked"].append(clock._stamp())      # also at the end: closes the last step
                     item = next(inner)
                     record["got"].append(clock._stamp())
+                    if record["batch"] is None:
+                        record["batch"] = batch_length(item)
                     return item
 
                 def __len__(self):
@@ -207,15 +208,19 @@ class LoaderClock:
         return a.elapsed_time(b) / 1000.0 if self.device.type == "cuda" else b - a
 
     def summary(self, record: Dict[str, Any], warmup: int) -> Optional[Dict[str, float]]:
-        """Mean step seconds and data-wait fraction over the steps after `warmup`; None if too few."""
+        """Mean step seconds and data-wait fraction over the batches after the first `warmup`.
+
+        Batch i's step runs from asking for it to asking for batch i + 1 (its wait for the
+        loader, then the loop's work on it); a batch whose next ask never came (the loop
+        stopped) is not counted. None when no batch is left to time."""
         got, asked = record["got"], record["asked"]
-        steps = len(got) - 1 - warmup           # step i = got[i] -> got[i + 1]
-        if steps < 1:
+        complete = len(asked) - 1
+        if complete - warmup < 1:
             return None
-        span = self._seconds(got[warmup], got[-1])
-        wait = sum(self._seconds(asked[i], got[i]) for i in range(warmup + 1, len(got)))
-        return {"step_s": span / steps, "data_wait": wait / span if span > 0 else 0.0, "steps_timed": steps,
-                "batch": record["batch"]}
+        span = self._seconds(asked[warmup], asked[complete])
+        wait = sum(self._seconds(asked[i], got[i]) for i in range(warmup, complete))
+        return {"step_s": span / (complete - warmup), "data_wait": wait / span if span > 0 else 0.0,
+                "steps_timed": complete - warmup, "batch": record["batch"]}
 
     def train_and_eval(self, warmup: int, eval_warmup: int = 1) -> Dict[str, Any]:
         """The longest series is training; the others are inference (images/s over all of them)."""
@@ -227,12 +232,18 @@ class LoaderClock:
         for record in self.series:
             if record is train:
                 continue
-            timed = self.summary(record, min(eval_warmup, max(len(record["got"]) - 2, 0)))
+            timed = self.summary(record, min(eval_warmup, max(len(record["asked"]) - 2, 0)))
             if timed:
                 images += timed["steps_timed"] * record["batch"]
                 seconds += timed["steps_timed"] * timed["step_s"]
         out["eval_img_s"] = images / seconds if seconds > 0 else None
         return out
+
+
+def batch_length(item) -> int:
+    """Images in a loader's batch: (tensor N x ..., ...), (tuple of N images, ...) or (EncodedBatch, ...)."""
+    first = item[0] if isinstance(item, (tuple, list)) else item
+    return int(first.shape[0]) if isinstance(first, torch.Tensor) else len(first)
 
 
 def peak_memory_gb(device: torch.device) -> Optional[float]:
@@ -280,9 +291,9 @@ def write_layouts(root: Path, quick: bool) -> Path:
 
     spec = dataclasses.replace(
         synth.SCALES["tiny"], voc_size=(160, 120) if quick else (500, 375), voc07_trainval=8, voc07_test=4,
-        voc12_seg_train=6, voc12_seg_val=2, voc12_seg_aug=6, coco_train=8, coco_val=2,
+        voc12_seg_train=6, voc12_seg_val=3, voc12_seg_aug=6, coco_train=8, coco_val=3,
         cityscapes_size=(256, 128) if quick else (2048, 1024), cityscapes_train_per_city=2,
-        cityscapes_train_cities=("aachen",), cityscapes_val=1)
+        cityscapes_train_cities=("aachen",), cityscapes_val=2)
     for _, writer, where in synth.WRITERS[3:]:
         writer(where(root), spec, 0)
     return root
@@ -425,7 +436,7 @@ class Bench:
                              max_test_images=2 if self.quick else 6, precise_bn_iters=0)
         elif name == "det_coco_maskrcnn_fpn":
             overrides.update(max_iter=iters, images_per_step=2, warmup_iters=1, eval_interval=10**6,
-                             checkpoint_interval=10**6, max_val_images=2)
+                             checkpoint_interval=10**6, max_val_images=3)
         else:
             overrides.update(iterations=iters, eval_interval=10**6, checkpoint_interval=10**6)
             if self.quick:
