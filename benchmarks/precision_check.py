@@ -155,20 +155,33 @@ class Check:
                 outputs[amp] = module.run(self.ctx(f"{name}_{amp}", self.checkpoint, data_root), cfg)
         return outputs[False], outputs[True]
 
-    def metrics(self, data_root: Path) -> None:
+    def guarded(self, part, *args) -> None:
+        """Run one part; a failure becomes a NO row instead of losing the parts after it."""
+        try:
+            part(*args)
+        except Exception as exc:  # noqa: BLE001
+            self.row(f"{part.__name__} FAILED", "-", "-", float("inf"), 0.0, f"{type(exc).__name__}: {exc}"[:200])
+
+    def svm_voc07(self, data_root: Path) -> None:
         full, amp = self.protocol_pair("svm_voc07", {}, data_root)
         for layer in ("feat1", "feat2", "feat3", "feat4", "feat5"):
             a, b = amp.metrics[layer]["mAP"], full.metrics[layer]["mAP"]
             self.row(f"svm_voc07 {layer} mAP", round(b, 3), round(a, 3), abs(a - b), BOUNDS["svm_map_points"])
+
+    def knn_imagenet(self, data_root: Path) -> None:
         full, amp = self.protocol_pair("knn_imagenet", {}, data_root)
         a, b = amp.metrics["k20"]["top1"], full.metrics["k20"]["top1"]
         self.row("knn_imagenet k20 top-1", round(b, 3), round(a, 3), abs(a - b), BOUNDS["knn_top1_points"])
+
+    def linear_imagenet(self, data_root: Path) -> None:
         probe = {"epochs": 2, "lr_steps": [], "num_classes": 20 if not self.quick else 10, "eval_interval": 1,
                  "lr": 0.3, "batch_size": 64 if not self.quick else 32}
         full, amp = self.protocol_pair("linear_imagenet", probe, data_root)
         a, b = amp.metrics["avgpool"]["top1"], full.metrics["avgpool"]["top1"]
         self.row("linear_imagenet top-1 (2 epochs, bf16)", round(b, 3), round(a, 3), abs(a - b),
                  BOUNDS["probe_top1_points"])
+
+    def det_voc0712_c4(self, data_root: Path) -> None:
         det = {"max_iter": 40 if not self.quick else 4, "images_per_step": 2, "lr_steps": [], "warmup_iters": 10,
                "eval_interval": 10**6, "checkpoint_interval": 10**6, "max_test_images": 20 if not self.quick else 2,
                "log_interval": 10 if not self.quick else 2, "train_min_sizes": [480, 512, 544, 576, 608, 640]}
@@ -241,14 +254,15 @@ def main(argv=None) -> int:
             paths = [files[i % len(files)] for i in range((steps + 1) * args.batch)]
             check.pretrain_curves(paths)
             print(f"pre-training curves done ({time.perf_counter() - tic:.0f} s)", flush=True)
-            check.features(files[: 16 if args.quick else 512])
+            check.guarded(check.features, files[: 16 if args.quick else 512])
             print(f"features done ({time.perf_counter() - tic:.0f} s)", flush=True)
             data_root = layouts.result()
-        check.metrics(data_root)
-        print(f"protocol metrics done ({time.perf_counter() - tic:.0f} s)", flush=True)
+        for part in ("svm_voc07", "knn_imagenet", "linear_imagenet", "det_voc0712_c4"):
+            check.guarded(getattr(check, part), data_root)
+            print(f"{part} done ({time.perf_counter() - tic:.0f} s)", flush=True)
         harmless = check.report()
         if args.json_out:
-            args.json_out.write_text(json.dumps({"rows": check.rows, "curves": check.curves, "harmless": harmless,
+            args.json_out.write_text(json.dumps({"rows": check.rows, "curves": getattr(check, "curves", None), "harmless": harmless,
                                                  "args": {k: str(v) for k, v in vars(args).items()}}, indent=1))
     finally:
         shutil.rmtree(check.root, ignore_errors=True)

@@ -601,6 +601,7 @@ def main(argv=None) -> int:
         bench.start_layouts()
     device_name = torch.cuda.get_device_name(bench.device) if bench.device.type == "cuda" else "cpu"
     results: Dict[str, Dict[str, Any]] = {}
+    failures: Dict[str, str] = {}
     order = [p for p in ("pretrain",) + ALL if p in wanted]
     # probes and features first (their JPEGs are written here), detection/segmentation last
     order.sort(key=lambda p: p.startswith(("det_", "seg_")))
@@ -615,15 +616,23 @@ def main(argv=None) -> int:
                 runs = ([(name, "cpu")] if decode == "both" else []) + ([(f"{name} [decode=device]", "device")]
                                                                           if supported else [])
             for label, path in runs:
-                if name in PROBES:
-                    measured = bench.probe(name, path)
-                elif name.startswith(("det_", "seg_")):
-                    measured = bench.transfer(name)
-                else:
-                    measured = getattr(bench, name)()
+                try:
+                    if name in PROBES:
+                        measured = bench.probe(name, path)
+                    elif name.startswith(("det_", "seg_")):
+                        measured = bench.transfer(name)
+                    else:
+                        measured = getattr(bench, name)()
+                except Exception as exc:  # noqa: BLE001  (one failing protocol must not lose the others)
+                    failures[label] = f"{type(exc).__name__}: {exc}"
+                    print(f"{label}: FAILED {failures[label]}", flush=True)
+                    continue
                 sched = schedule(name)
                 results[label] = {"measured": measured, "schedule": sched, "projection": project(measured, sched)}
                 print(f"{label}: measured {json.dumps(measured)} ({time.perf_counter() - tic:.0f} s)", flush=True)
+                if args.json_out:           # after every protocol: a run stopped by a timeout keeps what it had
+                    args.json_out.write_text(json.dumps({"device": device_name, "partial": True, "results": results,
+                                                         "failures": failures}, indent=1))
         pipeline = bench.cpu_pipeline()
         print(f"CPU pipeline (linear-probe train transform, one core, this machine): {json.dumps(pipeline)}")
     finally:
@@ -640,9 +649,11 @@ def main(argv=None) -> int:
                   f"{pipeline['pil_img_s_per_core']:.0f} img/s per core needs ~{need:.0f} cores to keep up")
     if args.json_out:
         args.json_out.write_text(json.dumps({"device": device_name, "workers": bench.workers, "quick": args.quick,
-                                             "results": results, "totals": totals, "cpu_pipeline": pipeline},
-                                            indent=1))
-    return 0
+                                             "results": results, "totals": totals, "cpu_pipeline": pipeline,
+                                             "failures": failures}, indent=1))
+    for label, error in failures.items():
+        print(f"FAILED {label}: {error}")
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

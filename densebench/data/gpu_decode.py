@@ -24,7 +24,7 @@ from __future__ import annotations
 import io
 import warnings
 from pathlib import Path
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -104,6 +104,19 @@ def check_transform(transform: Callable) -> None:
         plan_transform(transform, 512, 512)
 
 
+_CONSTANTS: Dict[Tuple, Tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _constants(mean, std, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Normalize's mean and std as (3, 1, 1) float tensors on `device`, made once (not one tiny
+    host-to-device copy per image)."""
+    key = (tuple(mean), tuple(std), str(device))
+    if key not in _CONSTANTS:
+        _CONSTANTS[key] = tuple(torch.tensor(v, dtype=torch.float32, device=device).view(-1, 1, 1)
+                                for v in (mean, std))
+    return _CONSTANTS[key]
+
+
 def apply_plan(image: torch.Tensor, plan: Plan) -> torch.Tensor:
     """Run a plan on one uint8 CHW image (any device); returns float CHW.
 
@@ -126,9 +139,7 @@ def apply_plan(image: torch.Tensor, plan: Plan) -> torch.Tensor:
         elif kind == "to_float":
             x = x.float().div_(255.0)
         elif kind == "normalize":
-            _, mean, std = step
-            mean_t = torch.tensor(mean, dtype=x.dtype, device=x.device).view(-1, 1, 1)
-            std_t = torch.tensor(std, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+            mean_t, std_t = _constants(step[1], step[2], x.device)
             x = (x - mean_t) / std_t
     return x
 
