@@ -470,13 +470,15 @@ class Bench:
         overrides.update(workers=self.workers)
         cfg, _ = make_config(PretrainConfig, "pretrain", "paper", overrides)
         files = self.images("imagenet")
-        steps = self.warmup + self.steps
+        # the trainer's loader prefetches 4 batches per worker: drop at least that many steps
+        warmup = self.warmup if self.quick else max(self.warmup, 4 * cfg.workers + 2)
+        steps = warmup + self.steps
         paths = [files[i % len(files)] for i in range((steps + 1) * cfg.batch_size)]
         work = self.root / "work" / "pretrain"
         shutil.rmtree(work, ignore_errors=True)
         reset_peak(self.device)
         train(cfg, paths, work, device=self.device, stop_after_iters=steps, show_progress=False)
-        records = read_log(work / "log.jsonl")[self.warmup:]
+        records = read_log(work / "log.jsonl")[warmup:]
         step_s = statistics.mean(cfg.batch_size / r["pairs_per_s"] for r in records)
         wait = statistics.mean(r["data_wait_frac"] for r in records)
         return {"train": {"step_s": step_s, "data_wait": wait, "steps_timed": len(records), "batch": cfg.batch_size,
@@ -484,8 +486,11 @@ class Bench:
 
     # -- CPU-side pipeline and decoder agreement
     def cpu_pipeline(self) -> Dict[str, Any]:
-        """Images/s of the linear-probe train transform (PIL decode + RRC + flip + ToTensor +
-        Normalize) in this process on one core, and nvjpeg-vs-PIL pixel agreement on CUDA."""
+        """Images/s on one core of this process (median of 3 passes over the ImageNet-size JPEGs):
+        the linear-probe train transform (PIL decode + RandomResizedCrop + flip + ToTensor +
+        Normalize), the validation transform (resize 256, centre crop 224), and what a loader
+        worker does with decode=device (read the bytes, parse the header, draw the crop/flip);
+        on CUDA also the nvjpeg-vs-PIL pixel difference of the train transform, in 8-bit levels."""
         from densebench.data import gpu_decode
         from densebench.protocols import linear_imagenet
         from densebench.protocols import linear_probe as lp
@@ -493,15 +498,26 @@ class Bench:
         cfg = linear_imagenet.Config()
         files = self.images("imagenet")
         transform = linear_imagenet.train_transform(cfg)
-        dataset = lp.LabelledImages([(p, 0) for p in files], transform)
+        items = [(p, 0) for p in files]
+        dataset = lp.LabelledImages(items, transform)
+        paths = {"pil_train": dataset, "pil_val": lp.LabelledImages(items, lp.test_transform(256, 224)),
+                 "device_path_worker": gpu_decode.EncodedImages(items, transform)}
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
-        tic = time.perf_counter()
-        for i in range(len(dataset)):
-            dataset[i]
-        per_core = len(dataset) / (time.perf_counter() - tic)
+        out: Dict[str, Any] = {"images": len(files), "repeats": 3}
+        for what, data in paths.items():
+            rates, walls = [], []
+            for _ in range(3):       # CPU seconds of this process: a per-core rate even on a shared machine
+                tic, wall = time.process_time(), time.perf_counter()
+                for i in range(len(data)):
+                    data[i]
+                rates.append(len(data) / (time.process_time() - tic))
+                walls.append(len(data) / (time.perf_counter() - wall))
+            out[f"{what}_img_s_per_core"] = statistics.median(rates)
+            out[f"{what}_img_s_all"] = [round(r, 1) for r in rates]
+            out[f"{what}_img_s_wall"] = [round(r, 1) for r in walls]
         torch.set_num_threads(threads)
-        out: Dict[str, Any] = {"pil_img_s_per_core": per_core, "images": len(dataset)}
+        out["pil_img_s_per_core"] = out["pil_train_img_s_per_core"]
         if self.device.type == "cuda":
             device_set = gpu_decode.EncodedImages([(p, 0) for p in files], transform)
             levels = []
@@ -573,7 +589,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="tiny sizes and ResNet-18: checks the machinery on CPU")
-    parser.add_argument("--protocols", default="all", help="comma list of protocols (and 'pretrain'), or all")
+    parser.add_argument("--protocols", default="all",
+                        help="comma list of protocols (and 'pretrain'), all, or none (only the CPU pipeline)")
     parser.add_argument("--workers", type=int, default=None, help="loader workers (default: the runner's)")
     parser.add_argument("--warmup", type=int, default=None, help="steps dropped (default 12 on CUDA, 1 quick)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 20 on CUDA, 2 quick)")
@@ -589,7 +606,8 @@ def main(argv=None) -> int:
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else max(12, 2 * workers + 2))
     args.steps = args.steps if args.steps is not None else (2 if args.quick else 20)
     decode = args.decode or ("both" if args.device.startswith("cuda") else "cpu")
-    wanted = list(ALL) + ["pretrain"] if args.protocols == "all" else [p.strip() for p in args.protocols.split(",")]
+    wanted = list(ALL) + ["pretrain"] if args.protocols == "all" else \
+        [] if args.protocols == "none" else [p.strip() for p in args.protocols.split(",")]
     unknown = [p for p in wanted if p not in ALL and p != "pretrain"]
     if unknown:
         print(f"table_cost: unknown protocol(s) {', '.join(unknown)}", file=sys.stderr)
@@ -639,7 +657,7 @@ def main(argv=None) -> int:
         if getattr(bench, "_pool", None) is not None:
             bench._pool.shutdown(cancel_futures=True)
         shutil.rmtree(bench.root, ignore_errors=True)
-    totals = report(results, device_name, bench.workers)
+    totals = report(results, device_name, bench.workers) if results else {}
     for label, res in results.items():
         if label.startswith("linear_") and res["measured"]["train"]:
             train = res["measured"]["train"]
