@@ -77,6 +77,7 @@ class Check:
     def row(self, what: str, fp32, low, diff: float, bound: float, note: str = "") -> None:
         self.rows.append({"what": what, "fp32": fp32, "low": low, "diff": diff, "bound": bound,
                           "ok": bool(diff <= bound), "note": note})
+        print(f"  {what}: fp32 {fp32}, low {low}, diff {diff:.4g} (bound {bound:g}) {note}", flush=True)
 
     def ctx(self, name: str, ckpt: Path, data_root: Path) -> RunContext:
         work = self.root / "work" / name
@@ -103,7 +104,8 @@ class Check:
         return [r["loss"] for r in read_log(work / "log.jsonl")]
 
     def pretrain_curves(self, paths) -> None:
-        fp32 = self.pretrain(False, 0, paths)
+        """bf16 and a second fp32 seed against `self.fp32_curve` (run first: its checkpoint feeds the rest)."""
+        fp32 = self.fp32_curve
         bf16 = self.pretrain(True, 0, paths)
         other = self.pretrain(False, 1, paths)
         tail = max(1, len(fp32) // 5)
@@ -252,14 +254,18 @@ def main(argv=None) -> int:
             files = write_jpegs(check.root / "jpeg", 16 if args.quick else 512, (48, 80) if args.quick else (150, 200), 0)
             steps = args.pretrain_steps
             paths = [files[i % len(files)] for i in range((steps + 1) * args.batch)]
-            check.pretrain_curves(paths)
-            print(f"pre-training curves done ({time.perf_counter() - tic:.0f} s)", flush=True)
+            # the fp32 run first (its checkpoint is the "fixed checkpoint" of the other parts), the
+            # bf16 and second-seed runs last: a timeout then costs the curve verdict, not the rest
+            check.fp32_curve = check.pretrain(False, 0, paths)
+            print(f"fp32 pre-training done ({time.perf_counter() - tic:.0f} s)", flush=True)
             check.guarded(check.features, files[: 16 if args.quick else 512])
             print(f"features done ({time.perf_counter() - tic:.0f} s)", flush=True)
             data_root = layouts.result()
         for part in ("svm_voc07", "knn_imagenet", "linear_imagenet", "det_voc0712_c4"):
             check.guarded(getattr(check, part), data_root)
             print(f"{part} done ({time.perf_counter() - tic:.0f} s)", flush=True)
+        check.guarded(check.pretrain_curves, paths)
+        print(f"pre-training curves done ({time.perf_counter() - tic:.0f} s)", flush=True)
         harmless = check.report()
         if args.json_out:
             args.json_out.write_text(json.dumps({"rows": check.rows, "curves": getattr(check, "curves", None), "harmless": harmless,
