@@ -9,10 +9,12 @@ tensor ops on the GPU.
 
 Same protocol definition: the GPU path interprets the protocol's own torchvision transform
 (`T.Compose` of RandomResizedCrop, Resize, CenterCrop, RandomCrop, RandomHorizontalFlip,
-ToTensor, Normalize). For each sample it calls the same `get_params` / `torch.rand` draws in the
-same order under the same per-sample seed as `LabelledImages`, so the crop boxes and flips are
-identical; only the pixel arithmetic differs (decoder, antialiased bilinear resize on tensors vs
-PIL), bounded in tests/test_gpu_decode.py. Anything else (a transform this module does not know,
+ColorJitter without hue, ToTensor, Lighting, Normalize). For each sample it calls the same
+`get_params` / `torch.rand` / `torch.normal` draws in the same order under the same per-sample
+seed as `LabelledImages`, so crop boxes, flips, jitter factors and lighting are identical; the
+colour jitter reproduces Pillow's ImageEnhance arithmetic exactly (8-bit truncation after each
+op). Only the decoder and the antialiased bilinear resize differ from PIL, by at most one 8-bit
+level, which the jitter can amplify to a few (bounds in tests/test_gpu_decode.py). Anything else (a transform this module does not know,
 a non-RGB or non-JPEG file, an EXIF rotation, a crop that would pad) goes through the CPU path
 (`load_image` + the transform) for that sample, with the same draws.
 
@@ -56,6 +58,8 @@ def plan_transform(transform: Callable, width: int, height: int) -> Plan:
     """The steps `transform` would apply to a width x height image, drawing its random parameters
     from the global torch RNG exactly as calling `transform(pil_image)` does."""
     steps = transform.transforms if isinstance(transform, T.Compose) else [transform]
+    from densebench.protocols.linear_probe import Lighting
+
     plan: Plan = []
     h, w = height, width
     for t in steps:
@@ -89,6 +93,15 @@ def plan_transform(transform: Callable, width: int, height: int) -> Plan:
         elif isinstance(t, T.RandomHorizontalFlip):
             if torch.rand(1) < t.p:
                 plan.append(("flip",))
+        elif isinstance(t, T.ColorJitter):
+            order, *factors = t.get_params(t.brightness, t.contrast, t.saturation, t.hue)
+            if factors[3] is not None:
+                raise Unsupported(f"{t} (hue)")
+            plan.append(("jitter", tuple((int(i), factors[int(i)]) for i in order if factors[int(i)] is not None)))
+        elif isinstance(t, Lighting):
+            if t.alphastd != 0:                  # the draw and the shift of Lighting.__call__
+                alpha = torch.normal(0.0, t.alphastd, size=(3,))
+                plan.append(("add", tuple((t.eigvec * (alpha * t.eigval).view(1, 3)).sum(dim=1).tolist())))
         elif isinstance(t, T.ToTensor):
             plan.append(("to_float",))
         elif isinstance(t, T.Normalize):
@@ -136,11 +149,35 @@ def apply_plan(image: torch.Tensor, plan: Plan) -> torch.Tensor:
                 x = resized.round_().clamp_(0, 255)
         elif kind == "flip":
             x = x.flip(-1)
+        elif kind == "jitter":
+            x = color_jitter(x.float(), step[1])
+        elif kind == "add":
+            x = x + torch.tensor(step[1], dtype=x.dtype).to(x.device, non_blocking=True).view(-1, 1, 1)
         elif kind == "to_float":
             x = x.float().div_(255.0)
         elif kind == "normalize":
             mean_t, std_t = _constants(step[1], step[2], x.device)
             x = (x - mean_t) / std_t
+    return x
+
+
+def pil_luma(x: torch.Tensor) -> torch.Tensor:
+    """Pillow's RGB -> L of 0..255 values: (R*19595 + G*38470 + B*7471 + 2**15) >> 16."""
+    return torch.floor((x[0] * 19595 + x[1] * 38470 + x[2] * 7471 + 32768) / 65536)
+
+
+def color_jitter(x: torch.Tensor, ops) -> torch.Tensor:
+    """torchvision's ColorJitter on a PIL image (ImageEnhance Brightness / Contrast / Color =
+    Image.blend with a degenerate image, truncated to 8 bits after each op), on 0..255 floats.
+    ops: ((0 brightness | 1 contrast | 2 saturation, factor), ...) in the drawn order."""
+    for op, factor in ops:
+        if op == 0:
+            degenerate = torch.zeros_like(x)
+        elif op == 1:
+            degenerate = torch.full_like(x, float(torch.floor(pil_luma(x).mean() + 0.5)))
+        else:
+            degenerate = pil_luma(x).expand_as(x)
+        x = torch.floor((degenerate + factor * (x - degenerate)).clamp_(0, 255))
     return x
 
 
