@@ -623,10 +623,7 @@ def prepare_probe(ctx: RunContext, cfg: Any, head: str, train_items: Sequence[Tu
     log.info("probe heads %s, global batch %d = %d x %d ranks", heads.input_dims(), cfg.batch_size, batch, world)
 
     eval_tf = test_transform(cfg.resize_size, cfg.crop_size)
-    images, batch_collate = LabelledImages, collate
-    if getattr(cfg, "decode", "cpu") == "device":     # JPEG decode + augmentation on ctx.device
-        from densebench.data.gpu_decode import EncodedImages, collate_encoded
-        images, batch_collate = EncodedImages, collate_encoded
+    batch_collate = collate
     if cfg.fast:
         def cached(items):
             feats = extract_features(backbone, LabelledImages(items, eval_tf, ctx.seed), runtime, batch,
@@ -634,14 +631,16 @@ def prepare_probe(ctx: RunContext, cfg: Any, head: str, train_items: Sequence[Tu
             return CachedFeatures(feats, torch.tensor([label for _, label in items]))
         train_set, val_set, workers = cached(train_items), cached(val_items), 0
     else:
+        images = LabelledImages
+        if getattr(cfg, "decode", "cpu") == "device":     # JPEG decode + augmentation on ctx.device
+            from densebench.data.gpu_decode import EncodedImages, collate_encoded
+            images, batch_collate = EncodedImages, collate_encoded
         train_set = images(train_items, train_transform, ctx.seed)
         val_set = images(val_items, eval_tf, ctx.seed)
         workers = ctx.num_workers
     sampler = DistributedSampler(train_set, num_replicas=world, rank=dist_utils.rank(), shuffle=True,
                                  seed=ctx.seed, drop_last=False)
     pin = ctx.device.type == "cuda"
-    if cfg.fast:
-        batch_collate = collate
     train_loader = DataLoader(train_set, batch_size=batch, sampler=sampler, num_workers=workers,
                               collate_fn=batch_collate, pin_memory=pin, drop_last=False)
     val_shard = Subset(val_set, list(range(dist_utils.rank(), len(val_set), world)))
