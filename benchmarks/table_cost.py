@@ -40,7 +40,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import shutil
 import statistics
 import sys
