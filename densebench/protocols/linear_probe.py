@@ -594,6 +594,8 @@ def check_config(cfg: Any, head: str) -> None:
         raise TypeError(f"{type(cfg).__qualname__} lacks probe fields {missing}")
     if cfg.eval_interval < 1 or cfg.epochs < 1:
         raise InputError(None, "epochs and eval_interval must be >= 1")
+    if getattr(cfg, "decode", "cpu") not in ("cpu", "device"):
+        raise InputError(None, f"decode must be 'cpu' or 'device', not {cfg.decode!r}")
 
 
 def final_metrics(history: List[Dict[str, Any]]) -> Dict[str, Dict[str, float]]:
@@ -635,6 +637,7 @@ def prepare_probe(ctx: RunContext, cfg: Any, head: str, train_items: Sequence[Tu
     log.info("probe heads %s, global batch %d = %d x %d ranks", heads.input_dims(), cfg.batch_size, batch, world)
 
     eval_tf = test_transform(cfg.resize_size, cfg.crop_size)
+    batch_collate = collate
     if cfg.fast:
         def cached(items):
             feats = extract_features(backbone, LabelledImages(items, eval_tf, ctx.seed), runtime, batch,
@@ -642,17 +645,21 @@ def prepare_probe(ctx: RunContext, cfg: Any, head: str, train_items: Sequence[Tu
             return CachedFeatures(feats, torch.tensor([label for _, label in items]))
         train_set, val_set, workers = cached(train_items), cached(val_items), 0
     else:
-        train_set = LabelledImages(train_items, train_transform, ctx.seed)
-        val_set = LabelledImages(val_items, eval_tf, ctx.seed)
+        images = LabelledImages
+        if getattr(cfg, "decode", "cpu") == "device":     # JPEG decode + augmentation on ctx.device
+            from densebench.data.gpu_decode import EncodedImages, collate_encoded
+            images, batch_collate = EncodedImages, collate_encoded
+        train_set = images(train_items, train_transform, ctx.seed)
+        val_set = images(val_items, eval_tf, ctx.seed)
         workers = ctx.num_workers
     sampler = DistributedSampler(train_set, num_replicas=world, rank=dist_utils.rank(), shuffle=True,
                                  seed=ctx.seed, drop_last=False)
     pin = ctx.device.type == "cuda"
     train_loader = DataLoader(train_set, batch_size=batch, sampler=sampler, num_workers=workers,
-                              collate_fn=collate, pin_memory=pin, drop_last=False)
+                              collate_fn=batch_collate, pin_memory=pin, drop_last=False)
     val_shard = Subset(val_set, list(range(dist_utils.rank(), len(val_set), world)))
     val_loader = DataLoader(val_shard, batch_size=batch, shuffle=False, num_workers=workers,
-                            collate_fn=collate, pin_memory=pin)
+                            collate_fn=batch_collate, pin_memory=pin)
 
     trained: nn.Module = heads
     if dist_utils.is_dist():
@@ -696,6 +703,7 @@ def run_probe(ctx: RunContext, cfg: Any, head: str, train_items: Sequence[Tuple[
              "per_rank_batch": probe.per_rank_batch, "world_size": probe.world_size,
              "runtime": probe.runtime.describe(), "resumed_from_epoch": start_epoch,
              "augmentation": None if cfg.fast else repr(train_transform),
+             "decode": "cached features" if cfg.fast else getattr(cfg, "decode", "cpu"),
              "sampling": "DistributedSampler(seed, epoch); augmentation RNG per (seed, epoch, sample index)"}
     if cfg.fast:
         extra["not_comparable"] = ("fast mode: heads trained on features cached once from the test-time "
