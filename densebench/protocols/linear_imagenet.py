@@ -7,7 +7,7 @@ then Linear -> classes, no BN; SGD lr 30, no weight decay. Trainer: `linear_prob
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Tuple, Literal
 
 from torchvision import transforms as T
 
@@ -37,7 +37,7 @@ class Config:
     amp: bool = True                                # bf16 autocast of the backbone on GPU
     channels_last: bool = True                      # on GPU
     fast: bool = False                              # cached features, no augmentation: not comparable
-    decode: str = "cpu"                             # "device": JPEG decode + augmentation on the GPU (data/gpu_decode.py)
+    decode: Literal["cpu", "device"] = "cpu"        # "device": JPEG decode + augmentation on the GPU (data/gpu_decode.py)
 
 
 def train_transform(cfg: Config) -> T.Compose:

@@ -39,7 +39,7 @@ class Config:
     amp: bool = True                                # bf16 autocast of the backbone on GPU
     channels_last: bool = True                      # on GPU
     fast: bool = False                              # cached features, no augmentation: not comparable
-    decode: str = "cpu"                             # "device": JPEG decode + augmentation on the GPU (data/gpu_decode.py)
+    decode: Literal["cpu", "device"] = "cpu"        # "device": JPEG decode + augmentation on the GPU (data/gpu_decode.py)
 
 
 def train_transform(cfg: Config) -> T.Compose:
