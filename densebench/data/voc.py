@@ -31,7 +31,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image
 
-from densebench.data.imagenet import check_images_exist, read_text_lines
+from densebench.data.imagenet import check_images_exist, read_text_lines, require_file
 from densebench.errors import InputError
 
 VOC_CLASSES = (
@@ -178,8 +178,7 @@ def _image_size(xml_file: Path, root: ET.Element, image_path: Path) -> Tuple[int
 def parse_voc_xml(xml_file: "str | Path", image_id: str, image_path: "str | Path") -> VOCAnnotation:
     """Parse one VOC annotation XML; the id and image path come from the caller, not the XML."""
     xml_file, image_path = Path(xml_file), Path(image_path)
-    if not xml_file.is_file():
-        raise InputError(xml_file, f"annotation file for image id {image_id!r} not found")
+    require_file(xml_file, f"annotation file for image id {image_id!r}")
     try:
         root = ET.parse(xml_file).getroot()
     except (ET.ParseError, OSError) as exc:
