@@ -18,7 +18,8 @@ class InputError(Exception):
     exists for the DataLoader: a worker cannot send the exception itself, only its class and
     formatted traceback, and the main process rebuilds it as `cls(text)` (torch
     `ExceptionWrapper.reraise`). Without this form that fails and turns into a RuntimeError
-    with a traceback; with it, the text is cut back to the original one-line message.
+    with a traceback; with it, the text is cut back to the original one-line message. The same
+    form lets pickle (multiprocessing) rebuild it: from `args`, then `path`/`problem` from `__dict__`.
     """
 
     def __init__(self, path: "str | os.PathLike | None", problem: "str | None" = None):
@@ -27,10 +28,6 @@ class InputError(Exception):
         self.path = None if path is None else os.fspath(path)
         self.problem = problem
         super().__init__(f"{self.path}: {problem}" if self.path is not None else problem)
-
-    def __reduce__(self):
-        # pickle (multiprocessing, spawn) rebuilds from (path, problem), not from str(self)
-        return (type(self), (self.path, self.problem))
 
 
 def _original_message(text: str) -> str:

@@ -148,6 +148,13 @@ def directory_as_image(root: Path) -> Path:
     return image
 
 
+def image_symlink_loop(root: Path) -> Path:
+    image = first_test_image(root)
+    image.unlink()
+    os.symlink(image.name, image)  # a link to itself
+    return image
+
+
 def xml_symlink_loop(root: Path) -> Path:
     xml = voc07(root) / "Annotations" / f"{first_voc07(root, 'trainval')}.xml"
     xml.unlink()
@@ -314,6 +321,7 @@ CASES = [
     Case("truncated_image", "svm_voc07", VOC07, truncated_image, ("truncated",)),
     Case("non_image_file", "svm_voc07", VOC07, non_image_file, ("not an image file",)),
     Case("directory_as_image", "svm_voc07", VOC07, directory_as_image, ("is a directory",)),
+    Case("image_symlink_loop", "svm_voc07", VOC07, image_symlink_loop, ("symbolic links",)),
     Case("voc_xmax_below_xmin", "det_voc0712_c4", VOC, lambda root: set_xml_box(root, 90, 40), ("xmax<xmin",)),
     Case("voc_box_outside_image", "det_voc0712_c4", VOC, lambda root: set_xml_box(root, 10, 900),
          ("outside the",)),
@@ -400,6 +408,31 @@ def test_absent_data_is_skipped_under_all_and_an_error_by_name(resnet18_checkpoi
 
 
 # ----------------------------------------------------------------------------- errors during the run
+
+
+def test_input_error_survives_pickle_and_dataloader_workers(tmp_path):
+    """torch rebuilds a worker's exception as `cls(formatted traceback)`; pickle uses __reduce__."""
+    import pickle
+
+    import torch
+
+    from densebench.errors import InputError
+
+    error = pickle.loads(pickle.dumps(InputError(tmp_path / "x.jpg", "image file is empty (0 bytes)")))
+    assert (error.path, error.problem) == (str(tmp_path / "x.jpg"), "image file is empty (0 bytes)")
+
+    class Images(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, index):
+            if index == 3:
+                raise InputError(tmp_path / f"{index}.jpg", "cannot decode image") from ValueError("deep cause")
+            return index
+
+    with pytest.raises(InputError) as caught:
+        list(torch.utils.data.DataLoader(Images(), batch_size=1, num_workers=2))
+    assert str(caught.value) == f"{tmp_path / '3.jpg'}: cannot decode image"
 
 
 def records(results_dir: Path) -> list:
