@@ -80,15 +80,20 @@ PART_FOLDERS: Dict[str, Callable[[Path], Path]] = {
 DATASET_CLASSES = {"imagenet": 1000, "places205": 205, "inat18": 8142}
 
 
+def _not_found(path: Path) -> InputError:
+    return InputError(path, "is a symlink that does not resolve (dangling or a loop)" if path.is_symlink()
+                      else "not found")
+
+
 def _require(*paths: Path) -> None:
     for path in paths:
         if not path.exists():
-            raise InputError(path, "not found")
+            raise _not_found(path)
 
 
 def _require_any(*paths: Path) -> None:
     if not any(path.exists() for path in paths):
-        raise InputError(paths[0], "not found")
+        raise _not_found(paths[0])
 
 
 def _samples(items: Sequence) -> list:
