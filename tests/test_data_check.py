@@ -63,11 +63,12 @@ def test_json_output(synth_root, capsys):
 def test_removed_split_file_blocks_detection_only(data_copy, capsys):
     (layout.voc07_root(data_copy) / "ImageSets" / "Main" / "test.txt").unlink()
     status = check.check_parts(data_copy, ["voc07_det_test", "voc07_det_trainval"])
-    assert status["voc07_det_test"].status == "missing"
-    assert "test.txt not found" in status["voc07_det_test"].detail
+    # VOC2007/ exists, so a split list missing inside it is malformed (not "never installed")
+    assert status["voc07_det_test"].status == "malformed"
+    assert "test.txt: not found" in status["voc07_det_test"].detail
     assert status["voc07_det_trainval"].status == "present"
     reasons = check.missing_for_protocol(data_copy, "det_voc0712_c4")
-    assert len(reasons) == 1 and reasons[0].startswith("voc07_det_test missing:") and "test.txt" in reasons[0]
+    assert len(reasons) == 1 and reasons[0].startswith("voc07_det_test malformed:") and "test.txt" in reasons[0]
     # svm_voc07 also reads test.txt (the row order of the class files): blocked as well
     assert check.missing_for_protocol(data_copy, "svm_voc07")
     assert cli.main(["data", "check", str(data_copy), "--protocols", "knn_imagenet"]) == 0

@@ -336,13 +336,21 @@ def _voc_tree(root: Path, ids, xml_by_id, image_size=(40, 30)) -> Path:
 
 
 def test_voc_det_xml_quirks(tmp_path):
-    root = _voc_tree(tmp_path, ["2008_000001"], {"2008_000001": _XML_QUIRKS}, image_size=(60, 45))
+    root = _voc_tree(tmp_path, ["2008_000001"], {"2008_000001": _XML_QUIRKS}, image_size=(200, 375))
     (ann,) = read_voc_det(root, "trainval")
     assert ann.image_id == "2008_000001" and ann.path.name == "2008_000001.jpg"
-    assert (ann.width, ann.height) == (60, 45)  # no <size>: read from the image header
+    assert (ann.width, ann.height) == (200, 375)  # no <size>: read from the image header
     assert ann.boxes.tolist() == [[48.0, 240.0, 195.5, 371.0], [1, 2, 3, 4], [5, 6, 7, 8], [10, 10, 20, 30]]
     assert [VOC_CLASSES[i] for i in ann.labels] == ["aeroplane", "diningtable", "pottedplant", "person"]
     assert ann.difficult.tolist() == [True, False, False, False]  # missing/empty difficult = 0
+
+
+def test_voc_box_on_the_border_slack_is_accepted(tmp_path):
+    """0-based writers (0..9) and exclusive edges (..11) are within the one pixel of slack."""
+    box = "<bndbox><xmin>0</xmin><ymin>0</ymin><xmax>11</xmax><ymax>11</ymax></bndbox>"
+    xml = f"<annotation><size><width>10</width><height>10</height></size><object><name>dog</name>{box}</object></annotation>"
+    (ann,) = read_voc_det(_voc_tree(tmp_path, ["000007"], {"000007": xml}), "trainval")
+    assert ann.boxes.tolist() == [[0, 0, 11, 11]]
 
 
 def test_voc_class_name_variants():
@@ -365,6 +373,11 @@ def test_voc_class_name_variants():
         ("<object><name>dog</name><difficult>yes</difficult>"
          "<bndbox><xmin>1</xmin><ymin>1</ymin><xmax>2</xmax><ymax>2</ymax></bndbox></object>", ["difficult"]),
         ("<object><name>dog</name", ["cannot parse XML"]),
+        # outside the 10x10 image beyond the one pixel of slack around VOC's 1-based 1..10
+        ("<object><name>dog</name><bndbox><xmin>2</xmin><ymin>1</ymin><xmax>12</xmax><ymax>5</ymax></bndbox></object>",
+         ["object 1 (dog)", "outside the 10x10 image"]),
+        ("<object><name>dog</name><bndbox><xmin>1</xmin><ymin>-1</ymin><xmax>5</xmax><ymax>5</ymax></bndbox></object>",
+         ["outside the 10x10 image"]),
     ],
 )
 def test_voc_det_malformed_xml_names_the_file(tmp_path, object_xml, words):

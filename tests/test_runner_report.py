@@ -57,7 +57,7 @@ def fakes(monkeypatch):
     explode: set = set()
     for name in FAKE_PROTOCOLS:
         monkeypatch.setitem(sys.modules, f"densebench.protocols.{name}", make_fake_module(name, calls, explode))
-    monkeypatch.setattr(runner, "missing_data", lambda root, protocol: [])
+    monkeypatch.setattr(runner, "check_data", lambda cells, data_root, skip_absent: None)
     return calls, explode
 
 

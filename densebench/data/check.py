@@ -2,12 +2,15 @@
 
 A "part" is one split of one dataset (e.g. `voc07_det_test`). Each part is checked cheaply
 with the same reader the protocols use (densebench/data/*.py): the reader lists the split and
-validates its list/annotation files, then a few sample files are decoded (first, middle,
-last: images, label PNGs). The result per part is
+validates its list/annotation files (labels, boxes, ids), then a few sample files are decoded
+(first, middle, last: images, label PNGs, whose values and sizes are checked). The result per
+part is
     present    the reader accepted it; `count` items
-    missing    a file or folder the part needs does not exist (`detail` names it)
-    malformed  it exists but the reader or a sample rejected it (`detail` = the reader's message)
-A protocol can run when every part it needs is present.
+    missing    the dataset's folder (PART_FOLDERS) does not exist: it was never installed
+    malformed  the folder exists but a file the part needs is absent or wrong, or a sample
+               was rejected (`detail` = the reader's message, naming the file)
+A protocol can run when every part it needs is present. `evaluate` treats malformed data as
+an error and skips a protocol only when its data is missing under `--protocols all`.
 """
 from __future__ import annotations
 
@@ -51,23 +54,46 @@ class PartStatus:
     detail: str   # where it was found, or what is missing / wrong
 
 
-class _Missing(Exception):
-    """A path a part needs does not exist."""
+# The folder whose absence means the part's dataset was never installed ("missing"). Below
+# it, anything absent or wrong is "malformed". SegmentationClassAug (SBD) is its own download.
+PART_FOLDERS: Dict[str, Callable[[Path], Path]] = {
+    "imagenet_train": layout.imagenet_root,
+    "imagenet_val": layout.imagenet_root,
+    "places205_train": layout.places205_root,
+    "places205_val": layout.places205_root,
+    "inat18_train": layout.inat18_root,
+    "inat18_val": layout.inat18_root,
+    "voc07_cls_trainval": layout.voc07_root,
+    "voc07_cls_test": layout.voc07_root,
+    "voc07_det_trainval": layout.voc07_root,
+    "voc07_det_test": layout.voc07_root,
+    "voc12_det_trainval": layout.voc12_root,
+    "voc12_seg_train": layout.voc12_root,
+    "voc12_seg_aug": lambda root: layout.voc12_root(root) / "SegmentationClassAug",
+    "voc12_seg_val": layout.voc12_root,
+    "coco_train2017": layout.coco_root,
+    "coco_val2017": layout.coco_root,
+    "cityscapes_train": layout.cityscapes_root,
+    "cityscapes_val": layout.cityscapes_root,
+}
+# Class count of the full dataset: a label at or above it is wrong at any scale.
+DATASET_CLASSES = {"imagenet": 1000, "places205": 205, "inat18": 8142}
 
-    def __init__(self, path: Path):
-        super().__init__(str(path))
-        self.path = path
+
+def _not_found(path: Path) -> InputError:
+    return InputError(path, "is a symlink that does not resolve (dangling or a loop)" if path.is_symlink()
+                      else "not found")
 
 
 def _require(*paths: Path) -> None:
     for path in paths:
         if not path.exists():
-            raise _Missing(path)
+            raise _not_found(path)
 
 
 def _require_any(*paths: Path) -> None:
     if not any(path.exists() for path in paths):
-        raise _Missing(paths[0])
+        raise _not_found(paths[0])
 
 
 def _samples(items: Sequence) -> list:
@@ -85,10 +111,21 @@ def _decode_samples(paths: Sequence[Path]) -> None:
         load_image(path)
 
 
-def _check_label_values(path: Path, labels: np.ndarray, allowed: set, what: str) -> None:
-    bad = sorted(set(np.unique(labels).tolist()) - allowed)
-    if bad:
-        raise InputError(path, f"{what} label PNG holds values {bad[:5]} outside {min(allowed)}..{max(allowed - {255})} and 255")
+def _check_pair_samples(pairs: Sequence[Tuple[Path, Path]], read_label: Callable, allowed: set, what: str) -> None:
+    """Sampled image/label pairs: both decode, the label's values are class indices or 255, and
+    the label has its image's size (a resized label would shift every pixel's class)."""
+    from densebench.data.image import load_image
+
+    for image_path, label_path in _samples(list(pairs)):
+        width, height = load_image(image_path).size
+        labels = read_label(label_path)
+        bad = sorted(set(np.unique(labels).tolist()) - allowed)
+        if bad:
+            raise InputError(label_path, f"{what} label PNG holds values {bad[:5]} outside "
+                                         f"{min(allowed)}..{max(allowed - {255})} and 255")
+        if labels.shape[:2] != (height, width):
+            raise InputError(label_path, f"label is {labels.shape[1]}x{labels.shape[0]} but its image "
+                                         f"{image_path} is {width}x{height}")
 
 
 def _exists_all(paths: Sequence[Path], listed_in: Path) -> None:
@@ -105,16 +142,35 @@ def _exists_all(paths: Sequence[Path], listed_in: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- per-part checks
-# each returns (count, detail) or raises _Missing / InputError
+# each returns (count, detail) or raises InputError
 
 
-def _image_list_part(reader: Callable, dataset_root: Path, split: str, anchors: Sequence[Sequence[Path]]):
-    for group in anchors:
+def _label_range_problem(labels: Sequence[int], dataset: str, split: str, train_labels: Optional[Sequence[int]]):
+    """Why these labels cannot be right, or None: at or above the dataset's class count, or (val)
+    above every train label, which would silently add classes no training image has (kNN
+    would vote over them, a probe would be sized by them)."""
+    high = max(labels)
+    if high >= DATASET_CLASSES[dataset]:
+        return f"label {high} is outside 0..{DATASET_CLASSES[dataset] - 1} ({dataset} has {DATASET_CLASSES[dataset]} classes)"
+    if train_labels is not None and high > max(train_labels):
+        return f"{split} label {high} is above every train label (train labels span 0..{max(train_labels)})"
+    return None
+
+
+def _image_list_part(reader: Callable, dataset: str, dataset_root: Path, split: str,
+                     label_files: Sequence[Path], anchors: Sequence[Sequence[Path]]):
+    """An image-list split: the list, its labels (range, and val against train), sample images.
+    `label_files`: where the reader takes the labels from, in the reader's order (for messages)."""
+    for group in [label_files, *anchors]:
         _require_any(*group)
     samples = reader(dataset_root, split)
+    labels = [label for _, label in samples]
+    train_labels = None if split == "train" else [label for _, label in reader(dataset_root, "train", check_files=False)]
+    problem = _label_range_problem(labels, dataset, split, train_labels)
+    if problem is not None:
+        raise InputError(next(path for path in label_files if path.exists()), problem)
     _decode_samples([path for path, _ in samples])
-    classes = len({label for _, label in samples})
-    return len(samples), f"{len(samples)} images, {classes} classes"
+    return len(samples), f"{len(samples)} images, {len(set(labels))} classes"
 
 
 def _imagenet(split: str):
@@ -122,29 +178,30 @@ def _imagenet(split: str):
         from densebench.data.imagenet import read_imagenet
 
         base = layout.imagenet_root(root)
-        return _image_list_part(read_imagenet, base, split, [[base / split]])
+        return _image_list_part(read_imagenet, "imagenet", base, split,
+                                [base / "meta" / f"{split}_labeled.txt", base / "meta" / f"{split}.txt", base / split],
+                                [[base / split]])
     return check
 
 
 def _places205(split: str):
     def check(root: Path):
-        from densebench.data.places205 import read_places205
+        from densebench.data.places205 import IMAGE_SUBDIR, places205_list_file, read_places205
 
         base = layout.places205_root(root)
-        return _image_list_part(read_places205, base, split,
-                                [[base / "trainvalsplit_places205" / f"{split}_places205.csv"],
-                                 [base / "data" / "vision" / "torralba" / "deeplearning" / "images256"]])
+        return _image_list_part(read_places205, "places205", base, split, [places205_list_file(base, split)],
+                                [[base / IMAGE_SUBDIR]])
     return check
 
 
 def _inat18(split: str):
     def check(root: Path):
-        from densebench.data.inat import read_inat18
+        from densebench.data.inat import IMAGE_SUBDIR, read_inat18
 
         base = layout.inat18_root(root)
-        return _image_list_part(read_inat18, base, split,
-                                [[base / "meta" / f"{split}.txt", base / f"{split}2018.json"],
-                                 [base / "train_val2018"]])
+        return _image_list_part(read_inat18, "inat18", base, split,
+                                [base / "meta" / f"{split}.txt", base / f"{split}2018.json"],
+                                [[base / IMAGE_SUBDIR]])
     return check
 
 
@@ -192,9 +249,7 @@ def _voc12_seg(list_name: str, label_dir: str):
         pairs = read_voc_seg_list(base, list_name, label_dir)
         if list_name == "aug" and (seg / "train.txt").exists():
             read_voc_seg(base, "train")  # the train+aug pairing: ids must not overlap
-        _decode_samples([image for image, _ in pairs])
-        for _, label_path in _samples(pairs):
-            _check_label_values(label_path, read_label_png(label_path), VOC_SEG_VALUES, "VOC")
+        _check_pair_samples(pairs, read_label_png, VOC_SEG_VALUES, "VOC")
         return len(pairs), f"{len(pairs)} image/label pairs ({label_dir})"
     return check
 
@@ -226,10 +281,7 @@ def _cityscapes(split: str):
         base = layout.cityscapes_root(root)
         _require(base / "leftImg8bit" / split, base / "gtFine" / split)
         pairs = read_cityscapes(base, split)
-        _decode_samples([image for image, _ in pairs])
-        for _, label_path in _samples(pairs):
-            _check_label_values(label_path, read_cityscapes_label(label_path), CITYSCAPES_VALUES,
-                                "Cityscapes train-id")
+        _check_pair_samples(pairs, read_cityscapes_label, CITYSCAPES_VALUES, "Cityscapes train-id")
         cities = len({image.parent.name for image, _ in pairs})
         return len(pairs), f"{len(pairs)} images in {cities} cities"
     return check
@@ -260,14 +312,17 @@ PART_CHECKS: Dict[str, Callable[[Path], Tuple[int, str]]] = {
 def check_part(root: "str | Path", part: str) -> PartStatus:
     """Status of one dataset part under data root `root`."""
     root = Path(root)
+    folder = PART_FOLDERS[part](root)
+    if not folder.exists() and not folder.is_symlink():
+        return PartStatus("missing", 0, f"{folder} not found")
     try:
+        if not folder.is_dir():
+            raise InputError(folder, "is not a directory (a file, or a symlink that does not resolve)")
         count, detail = PART_CHECKS[part](root)
-    except _Missing as exc:
-        return PartStatus("missing", 0, f"{exc.path} not found")
     except InputError as exc:
-        if exc.path is not None and not Path(exc.path).exists() and not Path(exc.path).parent.exists():
-            return PartStatus("missing", 0, str(exc))
         return PartStatus("malformed", 0, str(exc))
+    except OSError as exc:  # an unreadable folder, a symlink loop met while listing
+        return PartStatus("malformed", 0, f"{exc.filename or folder}: {exc.strerror or exc}")
     return PartStatus("present", count, detail)
 
 

@@ -20,6 +20,7 @@ from typing import List, Tuple
 import numpy as np
 
 from densebench.data.image import read_label_png
+from densebench.data.imagenet import is_dir_entry
 from densebench.errors import InputError
 
 CITYSCAPES_CLASSES = (
@@ -86,7 +87,7 @@ def read_cityscapes(cs_root: "str | Path", split: str) -> List[Tuple[Path, Path]
     images = sorted(
         image_dir / city.name / name
         for city in os.scandir(image_dir)
-        if city.is_dir()
+        if is_dir_entry(city)
         for name in os.listdir(city.path)
         if name.endswith(IMAGE_SUFFIX)
     )

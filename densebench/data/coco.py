@@ -37,7 +37,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from densebench.data.imagenet import check_images_exist
+from densebench.data.imagenet import check_images_exist, require_file
 from densebench.errors import InputError
 
 
@@ -61,8 +61,7 @@ def _is_number(value: Any) -> bool:
 
 
 def _read_json(ann_file: Path) -> Dict[str, Any]:
-    if not ann_file.is_file():
-        raise InputError(ann_file, "annotation file not found")
+    require_file(ann_file, "annotation file")
     try:
         with open(ann_file, "r", encoding="utf-8") as handle:
             data = json.load(handle)

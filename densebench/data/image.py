@@ -45,6 +45,8 @@ def _open_decoded(path: Path) -> Image.Image:
         raise InputError(path, f"cannot read image file ({exc})") from exc
     if size == 0:
         raise InputError(path, "image file is empty (0 bytes)")
+    if os.path.isdir(path):
+        raise InputError(path, "is a directory, expected an image file")
     try:
         with Image.open(path) as img:
             img.load()

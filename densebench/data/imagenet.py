@@ -32,14 +32,33 @@ SPLITS = ("train", "val")
 _LABELED_LINE = re.compile(r"^(?P<path>.*\S)[\s,]+(?P<label>[+-]?\d+)$")
 
 
+def require_file(path: Path, what: str) -> None:
+    """InputError unless `path` is a file: says whether it is absent, a directory or a symlink
+    that does not resolve (dangling, or a loop), so the message points at the real problem."""
+    if path.is_file():
+        return
+    if path.is_dir():
+        raise InputError(path, f"{what} is a directory, expected a file")
+    if path.is_symlink():
+        raise InputError(path, f"{what} is a symlink that does not resolve (dangling or a loop)")
+    raise InputError(path, f"{what} not found")
+
+
+def is_dir_entry(entry: os.DirEntry) -> bool:
+    """`entry.is_dir()`, with a symlink loop or unreadable entry as an InputError naming it."""
+    try:
+        return entry.is_dir()
+    except OSError as exc:
+        raise InputError(entry.path, f"cannot read folder entry ({exc.strerror})") from exc
+
+
 def read_text_lines(list_file: Path) -> List[Tuple[int, str]]:
     """(1-based line number, stripped text) of every non-blank line; missing file -> InputError.
 
     Tolerates a missing trailing newline, CRLF line ends and a UTF-8 byte-order mark.
     """
     list_file = Path(list_file)
-    if not list_file.is_file():
-        raise InputError(list_file, "list file not found")
+    require_file(list_file, "list file")
     try:
         text = list_file.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
@@ -107,7 +126,7 @@ def _is_image(name: str) -> bool:
 
 
 def _class_folders(folder: Path) -> List[str]:
-    return sorted(entry.name for entry in os.scandir(folder) if entry.is_dir() and not entry.name.startswith("."))
+    return sorted(entry.name for entry in os.scandir(folder) if is_dir_entry(entry) and not entry.name.startswith("."))
 
 
 def read_class_folders(split_dir: Path, classes: List[str]) -> List[Tuple[Path, int]]:
@@ -117,7 +136,7 @@ def read_class_folders(split_dir: Path, classes: List[str]) -> List[Tuple[Path, 
     for name in _class_folders(split_dir):
         if name not in index_of:
             raise InputError(split_dir / name, "class folder not among the training classes")
-        files = sorted(e.name for e in os.scandir(split_dir / name) if e.is_file() and _is_image(e.name))
+        files = sorted(e.name for e in os.scandir(split_dir / name) if _is_image(e.name) and not is_dir_entry(e))
         samples.extend((split_dir / name / file, index_of[name]) for file in files)
     if not samples:
         raise InputError(split_dir, "no images found in the class folders")
@@ -140,7 +159,7 @@ def read_imagenet(imagenet_root: "str | Path", split: str, check_files: bool = T
     root = Path(imagenet_root)
     image_dir = root / split
     for list_file in (root / "meta" / f"{split}_labeled.txt", root / "meta" / f"{split}.txt"):
-        if list_file.is_file():
+        if list_file.exists() or list_file.is_symlink():  # a directory or broken link: say so
             return read_image_list(list_file, image_dir, check_files=check_files)
     if not image_dir.is_dir():
         raise InputError(image_dir, f"ImageNet {split} split not found (no meta/{split}.txt and no {split}/ folder)")

@@ -16,7 +16,7 @@ import json
 from pathlib import Path, PurePosixPath
 from typing import List, Tuple
 
-from densebench.data.imagenet import check_images_exist, read_image_list
+from densebench.data.imagenet import check_images_exist, read_image_list, require_file
 from densebench.errors import InputError
 
 SPLITS = ("train", "val")
@@ -73,11 +73,12 @@ def read_inat18(inat_root: "str | Path", split: str, check_files: bool = True) -
     root = Path(inat_root)
     image_dir = root / IMAGE_SUBDIR
     list_file = root / "meta" / f"{split}.txt"
-    if list_file.is_file():
+    if list_file.exists() or list_file.is_symlink():  # a directory or broken link: say so
         return read_image_list(list_file, image_dir, check_files=check_files, relpath_fix=strip_image_prefix)
     json_file = root / f"{split}2018.json"
-    if not json_file.is_file():
+    if not json_file.exists() and not json_file.is_symlink():
         raise InputError(list_file, f"list file not found (and no {json_file.name} beside it)")
+    require_file(json_file, "iNat json")
     samples = _read_official_json(json_file, image_dir)
     if check_files:
         check_images_exist((path for path, _ in samples), json_file)

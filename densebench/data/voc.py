@@ -14,6 +14,11 @@ Choices, each because real files need it:
   or empty `difficult` means 0. `truncated`/`pose` are not used.
 - Coordinates are read as floats ("48", "48.0", "48.5") and kept exactly as written (VOC is
   1-based); an `<object>` without `<bndbox>` or with a missing/empty coordinate is an error.
+- A box must lie in the image: VOC's 1-based range [1, width] x [1, height], with one pixel of
+  slack on each side for 0-based writers and exclusive right/bottom edges, i.e. [0, width + 1].
+  (MMDetection and Detectron2 do not check; the devkit's range is 1..width; SSD's caffe
+  converter warns outside [0, width].) Further out is an error naming the XML: such a box
+  would be clipped to a sliver or trained on as written, silently.
 - `<size>` missing or zero: the size is read from the image header instead.
 """
 from __future__ import annotations
@@ -26,7 +31,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image
 
-from densebench.data.imagenet import check_images_exist, read_text_lines
+from densebench.data.imagenet import check_images_exist, read_text_lines, require_file
 from densebench.errors import InputError
 
 VOC_CLASSES = (
@@ -37,6 +42,7 @@ VOC_CLASSES = (
 # VOC +1 (present) -> 1, -1 (absent) -> 0, 0 (difficult only) -> -1 (PROTOCOLS.md section 2.2)
 _CLS_ENCODING = {1: 1, -1: 0, 0: -1}
 SEG_IGNORE_INDEX = 255
+BOX_SLACK = 1  # pixels a box may pass the 1-based image range [1, size] on each side
 
 
 def _class_key(name: str) -> str:
@@ -172,12 +178,12 @@ def _image_size(xml_file: Path, root: ET.Element, image_path: Path) -> Tuple[int
 def parse_voc_xml(xml_file: "str | Path", image_id: str, image_path: "str | Path") -> VOCAnnotation:
     """Parse one VOC annotation XML; the id and image path come from the caller, not the XML."""
     xml_file, image_path = Path(xml_file), Path(image_path)
-    if not xml_file.is_file():
-        raise InputError(xml_file, f"annotation file for image id {image_id!r} not found")
+    require_file(xml_file, f"annotation file for image id {image_id!r}")
     try:
         root = ET.parse(xml_file).getroot()
     except (ET.ParseError, OSError) as exc:
         raise InputError(xml_file, f"cannot parse XML ({exc})") from exc
+    width, height = _image_size(xml_file, root, image_path)
     boxes, labels, difficult = [], [], []
     for number, obj in enumerate(root.findall("object"), 1):
         name = _text(obj.find("name"))
@@ -195,10 +201,12 @@ def parse_voc_xml(xml_file: "str | Path", image_id: str, image_path: "str | Path
             coords.append(_number(xml_file, text, f"object {number} <{tag}>"))
         if coords[2] < coords[0] or coords[3] < coords[1]:
             raise InputError(xml_file, f"object {number} ({name}): box {coords} has xmax<xmin or ymax<ymin")
+        if min(coords) < 1 - BOX_SLACK or coords[2] > width + BOX_SLACK or coords[3] > height + BOX_SLACK:
+            raise InputError(xml_file, f"object {number} ({name}): box {coords} lies outside the "
+                                       f"{width}x{height} image (VOC coordinates run 1..{width}, 1..{height})")
         boxes.append(coords)
         labels.append(label)
         difficult.append(_flag(xml_file, _text(obj.find("difficult")), f"object {number} <difficult>"))
-    width, height = _image_size(xml_file, root, image_path)
     return VOCAnnotation(
         image_id=image_id,
         path=image_path,

@@ -1,9 +1,11 @@
 """`densebench evaluate`: run a list of protocols on one checkpoint, one record per cell.
 
 A cell is (checkpoint, protocol, config, seed). Cells whose record already exists are
-skipped unless --force, so an interrupted run continues where it stopped. Protocols whose
-data is missing are reported as skipped with the reason. Feature-based protocols run first
-so that they share the feature cache.
+skipped unless --force, so an interrupted run continues where it stopped. Before any work,
+the data of every cell to run is checked (`densebench data check`): malformed data is an
+error, and so is absent data for a protocol asked for by name; only under `--protocols all`
+is a protocol whose dataset folder is absent skipped, with the reason. Feature-based protocols
+run first so that they share the feature cache.
 """
 from __future__ import annotations
 
@@ -76,10 +78,38 @@ def protocol_module(name: str):
     return importlib.import_module(f"densebench.protocols.{name}")
 
 
-def missing_data(data_root: Path, protocol: str) -> List[str]:
-    from densebench.data.check import missing_for_protocol
+def check_data(cells: List[Cell], data_root: Path, skip_absent: bool) -> None:
+    """Validate the data of every cell to run before anything is computed (one InputError line).
 
-    return missing_for_protocol(data_root, protocol)
+    Each dataset part is checked once however many protocols read it. A protocol whose
+    dataset folder is absent is skipped (`cell.missing_data`) when `skip_absent` (`--protocols
+    all`), else it is an error; present but malformed data is always an error, never a skip:
+    the user would otherwise get exit 0 and a missing row. Protocols that check more than the
+    data alone (labels against the configured class count) do so in `module.check_data`.
+    """
+    from densebench.data.check import PROTOCOL_DATASETS, check_parts
+
+    pending = [cell for cell in cells if not cell.done]
+    statuses = check_parts(data_root, [part for cell in pending for part in PROTOCOL_DATASETS[cell.protocol]])
+    for cell in pending:
+        parts = PROTOCOL_DATASETS[cell.protocol]
+        malformed = [statuses[part].detail for part in parts if statuses[part].status == "malformed"]
+        absent = [f"{part} missing: {statuses[part].detail}" for part in parts if statuses[part].status == "missing"]
+        if malformed or (absent and not skip_absent):
+            problem = malformed[0] if malformed else absent[0]
+            raise InputError(None, f"{cell.protocol} cannot run: {problem} "
+                                   f"(`densebench data check {data_root}` lists every problem)")
+        cell.missing_data = absent
+    checked = set()  # (protocol, config hash): cells that differ only in the seed are checked once
+    for cell in pending:
+        config_key = (cell.protocol, config_hash(config_dict(cell.config)))
+        if cell.missing_data or not hasattr(cell.module, "check_data") or config_key in checked:
+            continue
+        checked.add(config_key)
+        try:
+            cell.module.check_data(data_root, cell.config)
+        except InputError as exc:
+            raise InputError(None, f"{cell.protocol} cannot run: {exc}") from exc
 
 
 # Wall seconds of each protocol under the tiny preset, ResNet-18, measured with ./run_all.sh on
@@ -115,8 +145,8 @@ def plan_cells(args, configs: Dict[str, Tuple[Any, str]], info: CheckpointInfo, 
         key = record_key(name, info.sha256, config_hash(config_dict(cfg)), args.seed)
         cell = Cell(name, protocol_module(name), cfg, label, key)
         cell.done = record_path(results_dir, key).is_file() and not args.force
-        cell.missing_data = [] if cell.done else missing_data(data_root, name)
         cells.append(cell)
+    check_data(cells, data_root, skip_absent=args.protocols.strip() in ("", "all"))
     return cells
 
 

@@ -45,6 +45,11 @@ def train_transform(cfg: Config) -> T.Compose:
     return crop_flip_transform(cfg.crop_size, cfg.rrc_scale)
 
 
+def check_data(data_root, cfg: Config) -> None:
+    """Called by `evaluate` before any protocol runs: labels must fit cfg.num_classes."""
+    load_probe_data("imagenet", data_root, cfg.num_classes)
+
+
 def run(ctx: RunContext, cfg: Config) -> ProtocolOutput:
     train_items, val_items, data = load_probe_data("imagenet", ctx.data_root, cfg.num_classes)
     return run_probe(ctx, cfg, "avgpool", train_items, val_items, train_transform(cfg), data)

@@ -284,8 +284,11 @@ def val_transform(image: np.ndarray, test_scale: Sequence[int]) -> torch.Tensor:
     return normalize_image(resize_image(image, size))
 
 
-def load_pair(image_path: Path, label_path: Path) -> Tuple[np.ndarray, np.ndarray]:
-    """Decode one image/label pair; a size mismatch is bad input naming the label file."""
+def load_pair(image_path: Path, label_path: Path, num_classes: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """Decode one image/label pair; a size mismatch, or (given `num_classes`) a label value that is
+    neither a class nor IGNORE_INDEX, is bad input naming the label file. Checked on every load:
+    `data check` samples only a few labels, and a stray value would otherwise stop training with
+    a bare `IndexError: Target 60 is out of bounds` (or be dropped silently by the metric)."""
     from densebench.data.cityscapes import read_cityscapes_label
     from densebench.data.image import load_image
 
@@ -296,6 +299,11 @@ def load_pair(image_path: Path, label_path: Path) -> Tuple[np.ndarray, np.ndarra
     if image.shape[:2] != label.shape[:2]:
         raise InputError(label_path, f"label is {label.shape[1]}x{label.shape[0]} but its image "
                                      f"{image_path} is {image.shape[1]}x{image.shape[0]}")
+    if num_classes is not None:
+        stray = np.unique(label[(label >= num_classes) & (label != IGNORE_INDEX)])
+        if stray.size:
+            raise InputError(label_path, f"label values {stray[:5].tolist()} are neither classes 0..{num_classes - 1} "
+                                         f"nor the ignore index {IGNORE_INDEX}")
     return image, label
 
 
@@ -313,7 +321,7 @@ class SegTrainDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, item: Tuple[int, int]) -> Tuple[torch.Tensor, torch.Tensor]:
         index, draw_seed = item
-        image, label = load_pair(*self.pairs[index])
+        image, label = load_pair(*self.pairs[index], self.cfg.num_classes)
         return train_transform(image, label, self.cfg, np.random.default_rng(draw_seed))
 
 
@@ -321,15 +329,16 @@ class SegValDataset(torch.utils.data.Dataset):
     """Validation pairs: image rescaled to the test scale (keep ratio) and normalised; the label
     stays at the original size (the metric compares at the original size)."""
 
-    def __init__(self, pairs: Sequence[Tuple[Path, Path]], test_scale: Sequence[int]):
+    def __init__(self, pairs: Sequence[Tuple[Path, Path]], test_scale: Sequence[int], num_classes: Optional[int] = None):
         self.pairs = list(pairs)
         self.test_scale = test_scale
+        self.num_classes = num_classes
 
     def __len__(self) -> int:
         return len(self.pairs)
 
     def __getitem__(self, index: int) -> Tuple[torch.Tensor, torch.Tensor]:
-        image, label = load_pair(*self.pairs[index])
+        image, label = load_pair(*self.pairs[index], self.num_classes)
         return val_transform(image, self.test_scale), torch.from_numpy(label.astype(np.int64))
 
 
@@ -665,7 +674,7 @@ def evaluate(model: FCNSegmentor, val_pairs: Sequence[Tuple[Path, Path]], cfg: A
     was_training = model.training
     model.eval()
     use_amp = cfg.amp and device.type == "cuda"
-    dataset = SegValDataset(val_pairs, cfg.test_scale)
+    dataset = SegValDataset(val_pairs, cfg.test_scale, cfg.num_classes)
     shard = list(range(dist_utils.rank(), len(dataset), dist_utils.world_size()))
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, shard), batch_size=None,
                                          num_workers=num_workers, generator=torch.Generator().manual_seed(0))
