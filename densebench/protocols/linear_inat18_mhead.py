@@ -2,7 +2,9 @@
 [0x] `resnet50_mhead_8xb32-steplr-84e_inat18`).
 
 The model is that of 3a (five heads, specified pooling, synced BatchNorm(affine=False),
-Linear -> 8142); 84 epochs, steps [24, 48, 72]. No published DenseCL numbers.
+Linear -> 8142); 84 epochs, steps [24, 48, 72]. No published DenseCL numbers. The reference
+evaluated every 10 epochs and not at the end (last at epoch 80): the metrics are epoch 80's,
+the final epoch's are kept under `at_final_epoch` (linear_probe.probe_metrics).
 Trainer: `linear_probe`.
 """
 from __future__ import annotations
@@ -35,7 +37,7 @@ class Config:
     crop_size: int = 224                            # RandomResizedCrop 224 / test CenterCrop 224
     resize_size: int = 256                          # test: resize short side 256
     rrc_scale: Tuple[float, float] = (0.08, 1.0)    # default RRC scale, bilinear
-    eval_interval: int = 10                         # every 10 epochs (and at the end)
+    eval_interval: int = 10                         # every 10 epochs, reference's last at 80 (we add 84)
     amp: bool = True                                # bf16 autocast of the backbone on GPU
     channels_last: bool = True                      # on GPU
     fast: bool = False                              # cached features, no augmentation: not comparable
