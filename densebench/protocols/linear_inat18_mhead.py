@@ -37,7 +37,7 @@ class Config:
     crop_size: int = 224                            # RandomResizedCrop 224 / test CenterCrop 224
     resize_size: int = 256                          # test: resize short side 256
     rrc_scale: Tuple[float, float] = (0.08, 1.0)    # default RRC scale, bilinear
-    eval_interval: int = 10                         # every 10 epochs, reference's last at 80 (we add 84)
+    eval_interval: int = 10                         # every 10 epochs (and at the end)
     amp: bool = True                                # bf16 autocast of the backbone on GPU
     channels_last: bool = True                      # on GPU
     fast: bool = False                              # cached features, no augmentation: not comparable

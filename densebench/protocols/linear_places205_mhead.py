@@ -36,7 +36,7 @@ class Config:
     crop_size: int = 224                            # RandomCrop 224 / test CenterCrop 224
     resize_size: int = 256                          # train and test: resize short side 256
     train_center_crop: int = 256                    # train: CenterCrop 256 before RandomCrop 224
-    eval_interval: int = 10                         # every 10 epochs, reference's last at 20 (we add 28)
+    eval_interval: int = 10                         # every 10 epochs (and at the end)
     amp: bool = True                                # bf16 autocast of the backbone on GPU
     channels_last: bool = True                      # on GPU
     fast: bool = False                              # cached features, no augmentation: not comparable
