@@ -3,7 +3,7 @@
 Same batch, same threads, same backbone, same weights and queues, measured in one process;
 prints the time per step of each and the ratio (MMPreTrain time / ours). MMPreTrain runs as
 its published config does (fp32, NCHW); ours runs with the trainer's defaults for the device
-(channels_last; bf16 autocast on CUDA, fp32 and our own conv weight gradients on CPU).
+(channels_last; bf16 autocast on CUDA, fp32 on CPU).
 Without mmpretrain importable, only our timings are printed (and the ratio against our own
 step in plain fp32 NCHW). On CUDA ours is timed eager and replayed from a CUDA graph
 (GraphedTrainStep, what the trainer runs on one GPU; `--cuda-graph`); `--compile both` adds ours
@@ -27,10 +27,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from densebench.pretrain.conv_grad import set_fast_weight_grad  # noqa: E402
 from densebench.pretrain.model import DenseCL  # noqa: E402
 from densebench.pretrain.step import GraphedTrainStep, train_step  # noqa: E402
-from densebench.pretrain.trainer import PretrainConfig, resolve_device_flags, resolve_fast_weight_grad  # noqa: E402
+from densebench.pretrain.trainer import PretrainConfig, resolve_device_flags  # noqa: E402
 from densebench.system import retain_freed_memory  # noqa: E402
 
 
@@ -103,9 +102,6 @@ def main() -> int:
                         help="ours: auto = the trainer's default (on, CUDA and CPU)")
     parser.add_argument("--bf16", choices=("auto", "on", "off"), default="auto",
                         help="ours: auto = the trainer's default (on with CUDA)")
-    parser.add_argument("--fast-weight-grad", choices=("auto", "on", "off", "both"), default="auto",
-                        help="ours: conv weight gradients by our own GEMMs (densebench.pretrain.conv_grad); "
-                             "both = time ours with and without; auto/on = the trainer's default (on in fp32 on CPU)")
     parser.add_argument("--compile", choices=("auto", "on", "off", "both"), default="auto",
                         help="ours with torch.compile'd encoders: both = time eager and compiled; auto = off")
     parser.add_argument("--cuda-graph", choices=("auto", "on", "off", "both"), default="auto",
@@ -120,8 +116,6 @@ def main() -> int:
     default_bf16, default_channels_last = resolve_device_flags(PretrainConfig(), device)   # the trainer's
     bf16 = default_bf16 if args.bf16 == "auto" else args.bf16 == "on"
     channels_last = default_channels_last if args.channels_last == "auto" else args.channels_last == "on"
-    # the trainer's rule: only in float32 CPU training (on/both cannot force it onto CUDA or bf16)
-    fast_weight_grad = args.fast_weight_grad != "off" and resolve_fast_weight_grad(PretrainConfig(), device, bf16)
     if on_cuda:
         torch.backends.cudnn.benchmark = True
 
@@ -156,14 +150,10 @@ def main() -> int:
         variants = [(False, True)]
     elif graph_mode == "both":
         variants.append((False, True))
-    variants = [(use_compile, use_graph, fast_weight_grad) for use_compile, use_graph in variants]
-    if args.fast_weight_grad == "both" and fast_weight_grad:
-        variants.append((False, False, False))
     steps, labels = [], []
-    for use_compile, use_graph, fast in variants:
-        changed = use_compile or use_graph or fast != fast_weight_grad
+    for use_compile, use_graph in variants:
+        changed = use_compile or use_graph
         model = copy.deepcopy(our_model) if len(variants) > 1 and changed else our_model
-        set_fast_weight_grad(model, fast)
         optimizer = torch.optim.SGD(model.query_parameters(), lr=0.03, momentum=0.9, weight_decay=1e-4)
         step = our_step_fn(model, optimizer, im_q, im_k, perm, bf16, channels_last, use_graph)
         if use_compile:
@@ -172,7 +162,7 @@ def main() -> int:
         if use_graph:
             step = warmed(step, device, "CUDA graph")
         steps.append(step)
-        labels.append(f"ours (bf16={bf16}, channels_last={channels_last}, fast_weight_grad={fast}, "
+        labels.append(f"ours (bf16={bf16}, channels_last={channels_last}, "
                       + ("CUDA graph)" if use_graph else f"compile={use_compile})"))
     if theirs is not None:
         their_params = [p for p in theirs.parameters() if p.requires_grad]

@@ -194,6 +194,30 @@ def test_topk_correct_matches_sklearn():
         assert count == int(expected)
 
 
+def test_headline_is_the_epoch_the_reference_last_evaluated():
+    """[0x] evaluates every 10 epochs and not at the end (configs/benchmarks/classification/
+    _base_/datasets/{places205,inaturalist2018}.py `evaluation interval=10`): Places205's 28 epochs
+    were last evaluated at epoch 20, iNat18's 84 at 80; the ImageNet probes end on an evaluation."""
+    epochs = {name: (protocol(name).Config().epochs, protocol(name).Config().eval_interval) for name in PROTOCOLS}
+    assert {name: lp.reported_epoch(*value) for name, value in epochs.items()} == {
+        "linear_imagenet_mhead": 90, "linear_imagenet": 100, "linear_places205_mhead": 20, "linear_inat18_mhead": 80}
+    assert lp.reported_epoch(6, 1) == 6 and lp.reported_epoch(6, 4) == 4 and lp.reported_epoch(3, 10) == 3
+
+    def scores(top1):
+        return {"feat1": {"top1": top1, "top5": top1 + 1}, "feat5": {"top1": top1 + 2, "top5": top1 + 3}}
+    history = [{"epoch": e, "heads": scores(float(e)), "train_loss": {}} for e in (10, 20, 28)]
+    metrics = lp.probe_metrics(history, 28, 10)
+    assert metrics == {"feat1": {"top1": 20.0, "top5": 21.0, "epoch": 20},
+                       "feat5": {"top1": 22.0, "top5": 23.0, "epoch": 20},
+                       "at_final_epoch": {"feat1": {"top1": 28.0, "top5": 29.0, "epoch": 28},
+                                          "feat5": {"top1": 30.0, "top5": 31.0, "epoch": 28}}}
+    assert lp.probe_metrics(history[:2], 20, 10) == {"feat1": {"top1": 20.0, "top5": 21.0, "epoch": 20},
+                                                     "feat5": {"top1": 22.0, "top5": 23.0, "epoch": 20}}
+    from densebench.results.report import metric_value
+
+    assert metric_value(metrics, "feat5.top1") == 22.0       # the report's Places F5 / iNat F5 column
+
+
 def test_check_labels_names_the_list_file():
     items = [(Path("a.jpg"), 0), (Path("b.jpg"), 9)]
     lp.check_labels(items, 10, "meta/train.txt")

@@ -79,6 +79,18 @@ def test_fast_mode_trains_on_cached_features_and_says_so(synth_root, resnet18_ch
     assert "not_comparable" in output.extra and output.extra["augmentation"] is None
 
 
+def test_places_probe_reports_the_reference_epoch_and_keeps_the_final_one(synth_root, resnet18_checkpoint, tmp_path):
+    """Evaluated every 4 of 6 epochs: the metrics are epoch 4's (the last evaluation the reference's
+    hook would make), epoch 6's go to `at_final_epoch`."""
+    cfg, output = run_tiny("linear_places205_mhead", resnet18_checkpoint, synth_root, tmp_path,
+                           fast=True, eval_interval=4)
+    by_epoch = {entry["epoch"]: entry["heads"] for entry in output.extra["history"]}
+    assert sorted(by_epoch) == [4, 6]
+    final = output.metrics.pop("at_final_epoch")
+    assert output.metrics == {name: dict(values, epoch=4) for name, values in by_epoch[4].items()}
+    assert final == {name: dict(values, epoch=6) for name, values in by_epoch[6].items()}
+
+
 def test_labels_beyond_num_classes_name_the_list_file(synth_root, resnet18_checkpoint, tmp_path):
     with pytest.raises(InputError) as err:
         run_tiny("linear_imagenet_mhead", resnet18_checkpoint, synth_root, tmp_path, num_classes=5)

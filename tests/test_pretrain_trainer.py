@@ -88,6 +88,31 @@ def test_checkpoint_format_and_backbone_extraction(image_root, tmp_path):
         train(dataclasses.replace(cfg, lr=0.1), _paths(image_root), tmp_path, resume=True, show_progress=False)
 
 
+def test_resume_ignores_retired_options_in_a_saved_config_with_a_note(image_root, tmp_path, caplog):
+    """A checkpoint and config.json written while PretrainConfig still had `fast_weight_grad`
+    (or its first name `winograd_weight_grad`) resume; the retired keys are ignored with a note,
+    while a real difference is still refused."""
+    cfg = small_config(epochs=1)
+    train(cfg, _paths(image_root), tmp_path, show_progress=False, stop_after_iters=3)
+    ckpt_path = read_latest(tmp_path)
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    ckpt["config"].update(fast_weight_grad=True, winograd_weight_grad=None)
+    torch.save(ckpt, ckpt_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    saved["config"]["fast_weight_grad"], saved["fast_weight_grad"] = True, True
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+
+    with pytest.raises(InputError, match="config differs.*lr"):
+        train(dataclasses.replace(cfg, lr=0.1), _paths(image_root), tmp_path, resume=True, show_progress=False)
+    with caplog.at_level("INFO", logger="densebench.pretrain.trainer"):
+        train(cfg, _paths(image_root), tmp_path, resume=True, show_progress=False)
+    notes = [r.getMessage() for r in caplog.records if "earlier densebench version" in r.getMessage()]
+    assert len(notes) == 1 and "fast_weight_grad=True" in notes[0] and "winograd_weight_grad=None" in notes[0]
+    assert read_latest(tmp_path).name == "epoch_0001.pth" and len(read_log(tmp_path / "log.jsonl")) == 4
+    rewritten = json.loads((tmp_path / "config.json").read_text())
+    assert "fast_weight_grad" not in rewritten and "fast_weight_grad" not in rewritten["config"]
+
+
 def test_checkpoint_retention_keeps_latest_and_interval_epochs(image_root, tmp_path):
     cfg = small_config(epochs=3, checkpoint_interval=3, keep_epoch_interval=2)
     train(cfg, _paths(image_root), tmp_path, show_progress=False)
@@ -152,7 +177,7 @@ def test_tiny_preset_loss_falls_on_synthetic_data(synth_root, tmp_path):
     records = read_log(tmp_path / "log.jsonl")
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["preset"] == "tiny" and config["config"]["arch"] == "resnet18"
-    assert config["fast_weight_grad"] is True and config["channels_last"] is True   # the CPU defaults
+    assert config["channels_last"] is True and "fast_weight_grad" not in config   # the CPU default
     filled = config["config"]["queue_len"] // config["config"]["batch_size"]
     losses = [r["loss"] for r in records]
     assert len(losses) >= filled + 20

@@ -163,65 +163,13 @@ def info_nce(q: torch.Tensor, positive: torch.Tensor, queue: torch.Tensor, tempe
     q, positive (M, D) rows; queue (D, K). Computed as mean(logsumexp(all logits) - positive
     logit) with 1/T folded into q: the reference's value (to float rounding) without the
     concatenated and the divided copies of the logits, which with the paper's queue are
-    32 * 49 x 65536 floats (411 MB) each for the dense loss. On CPU the logsumexp over the
-    queue goes block by block (QueueLogSumExp): a ResNet-50 step at batch 32 on 2 threads took
-    12.1 s instead of 14.9 s on the 2-core CI machine.
+    32 * 49 x 65536 floats (411 MB) each for the dense loss.
     """
     q_scaled = q / temperature
     pos = (q_scaled * positive).sum(dim=1)
-    if q_scaled.device.type == "cpu" and q_scaled.dtype == torch.float32 and not queue.requires_grad:
-        negatives = QueueLogSumExp.apply(q_scaled, queue)
-    else:
-        negatives = torch.logsumexp(q_scaled @ queue, dim=1)
+    negatives = torch.logsumexp(q_scaled @ queue, dim=1)
     lse = torch.logaddexp(negatives, pos)
     return (lse - pos).mean()
-
-
-class QueueLogSumExp(torch.autograd.Function):
-    """logsumexp over the rows of q @ queue (M, K), for a queue that takes no gradient, computed
-    over column blocks of the queue (the CPU path of info_nce).
-
-    Through torch.logsumexp, autograd makes five full passes over the M x K logits (max,
-    subtract and exp forward; subtract, exp and multiply backward), each one through memory: for
-    the dense loss with the paper's queue that is 1568 x 65536 floats (411 MB) per pass, about a
-    sixth of a ResNet-50 step on the 2-core CI machine. Here each block of M x b logits is made
-    by one product and handled while it is in cache: forward keeps exp(logits - running row
-    max) and that max per block (one write of M x K floats) and combines the blocks' sums
-    online; backward scales each kept block into softmax weights times the incoming gradient
-    and multiplies it with the block's queue columns. Same value and gradient as the autograd
-    path, to float32 rounding (tests/test_pretrain_model.py).
-    """
-
-    block_floats = 1 << 20                                       # logits per block (4 MB)
-
-    @staticmethod
-    def forward(ctx, q: torch.Tensor, queue: torch.Tensor) -> torch.Tensor:
-        num_rows, num_cols = q.shape[0], queue.shape[1]
-        width = max(128, QueueLogSumExp.block_floats // max(1, num_rows))
-        running_max = torch.full((num_rows,), -math.inf, dtype=q.dtype)
-        total = torch.zeros(num_rows, dtype=q.dtype)
-        kept = []
-        for start in range(0, num_cols, width):
-            block = q @ queue[:, start:start + width]
-            new_max = torch.maximum(running_max, block.amax(dim=1))
-            total.mul_(torch.exp(running_max - new_max))
-            block.sub_(new_max[:, None]).exp_()
-            total.add_(block.sum(dim=1))
-            running_max = new_max
-            kept.append((start, block, new_max))
-        lse = running_max + torch.log(total)
-        ctx.kept = kept
-        ctx.save_for_backward(q, queue, lse)
-        return lse
-
-    @staticmethod
-    def backward(ctx, grad_lse: torch.Tensor):
-        q, queue, lse = ctx.saved_tensors
-        grad_q = torch.zeros_like(q)
-        for start, block, block_max in ctx.kept:
-            weights = block * (torch.exp(block_max - lse) * grad_lse)[:, None]    # softmax x gradient
-            grad_q.addmm_(weights, queue[:, start:start + block.shape[1]].T)
-        return grad_q, None
 
 
 def dense_correspondence(q_backbone: torch.Tensor, k_backbone: torch.Tensor) -> torch.Tensor:

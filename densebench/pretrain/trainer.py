@@ -35,7 +35,6 @@ from densebench.config import (Fraction, NonNegativeInt, PositiveFloat, Positive
 from densebench.errors import InputError
 from densebench.io import torch_save_atomic, write_json_atomic, write_text_atomic
 from densebench.pretrain.augment import AugmentConfig, two_views
-from densebench.pretrain.conv_grad import set_fast_weight_grad
 from densebench.pretrain.model import ARCHS, DenseCL, cosine_lr
 from densebench.pretrain.step import GraphedTrainStep, train_step
 
@@ -46,6 +45,10 @@ LOG_NAME = "log.jsonl"
 LATEST_NAME = "latest"
 # fields that may differ between a run and its resumption without changing the trajectory
 RESUME_FREE_FIELDS = ("workers", "checkpoint_interval", "keep_epoch_interval", "compile", "cuda_graph")
+# options of earlier versions, since removed, that a saved config may still carry: our own CPU
+# conv weight gradients (they changed float rounding only, not what is computed). Resuming
+# ignores them with a note.
+RETIRED_FIELDS = ("fast_weight_grad", "winograd_weight_grad")
 
 
 @dataclass
@@ -82,13 +85,6 @@ class PretrainConfig:
     # ResNet-50 batch 32: 224 px 13.1 vs 14.6 s/step NCHW, 96 px 2.76 vs 3.02 s; resnet18 64 px
     # (tiny preset) equal (0.42 s). oneDNN runs most convolutions faster in NHWC.
     channels_last: Optional[bool] = None
-    # Weight gradients of the backbone's 3x3 and 1x1 convolutions by our own GEMMs (Winograd F(4x4,3x3),
-    # im2col, plain GEMM; densebench.pretrain.conv_grad) where they measured faster than oneDNN's.
-    # Forward and input gradients stay oneDNN's, so losses are unchanged and weight gradients
-    # differ by rounding only. None or True = on in float32 CPU training (never on CUDA or under
-    # bf16), False = off. ResNet-50 224 px batch 32 on a 2-core AMD EPYC: one encoder's forward +
-    # backward 7.71 vs 8.99 s, the whole DenseCL step 12.44 vs 13.33 s; resnet18 64 px (tiny preset) equal.
-    fast_weight_grad: Optional[bool] = None
     # torch.compile of both encoders' backbone + neck (queue / shuffle / enqueue stay eager). Off by
     # default: on an H200 (ResNet-50, batch 64, bf16 + channels_last) it gave 36.4 vs 36.1 ms/step
     # after an 88 s warm-up, i.e. no gain. None = on with CUDA, off on CPU.
@@ -275,6 +271,11 @@ def load_checkpoint(path: Path) -> dict:
 
 
 def check_resume_config(path: Path, saved: dict, current: dict) -> None:
+    retired = sorted(k for k in saved if k in RETIRED_FIELDS)
+    if retired:
+        log.info("%s: ignoring %s, option(s) of an earlier densebench version that no longer exist",
+                 path, ", ".join(f"{k}={saved[k]!r}" for k in retired))
+        saved = {k: v for k, v in saved.items() if k not in RETIRED_FIELDS}
     different = sorted(k for k in set(saved) | set(current)
                        if k not in RESUME_FREE_FIELDS and saved.get(k) != current.get(k))
     if different:
@@ -355,12 +356,6 @@ def resolve_device_flags(cfg: PretrainConfig, device: torch.device) -> Tuple[boo
     return bf16, channels_last
 
 
-def resolve_fast_weight_grad(cfg: PretrainConfig, device: torch.device, bf16: bool) -> bool:
-    """Whether our own conv weight gradients run: float32 CPU training unless turned off (None
-    and True alike). They never apply to CUDA tensors or under bf16 autocast, and are then recorded as off."""
-    return device.type == "cpu" and not bf16 and cfg.fast_weight_grad is not False
-
-
 def resolve_compile(cfg: PretrainConfig, device: torch.device) -> bool:
     """`compile` None means on with CUDA, off on CPU (inductor's CPU build is slow to warm up)."""
     return device.type == "cuda" if cfg.compile is None else bool(cfg.compile)
@@ -403,7 +398,6 @@ def train(cfg: PretrainConfig, image_paths: Sequence[Path], work_dir: "str | Pat
     steps_per_epoch = len(image_paths) // cfg.batch_size
     total_iters = cfg.epochs * steps_per_epoch
     bf16, channels_last = resolve_device_flags(cfg, device)
-    use_fast_weight_grad = resolve_fast_weight_grad(cfg, device, bf16)
     use_compile = resolve_compile(cfg, device)
     use_cuda_graph = resolve_cuda_graph(cfg, device, use_compile)
     main_process = dist_utils.is_main()
@@ -440,9 +434,7 @@ def train(cfg: PretrainConfig, image_paths: Sequence[Path], work_dir: "str | Pat
         write_json_atomic(work_dir / "config.json", {
             "config": config_dict(cfg), "preset": preset_label, "world_size": dist_utils.world_size(),
             "per_rank_batch": per_rank, "ghost_bn_groups_per_process": ghost_groups,
-            "bf16": bf16, "channels_last": channels_last, "fast_weight_grad": use_fast_weight_grad,
-            "compile": use_compile,
-            "cuda_graph": use_cuda_graph,
+            "bf16": bf16, "channels_last": channels_last, "compile": use_compile, "cuda_graph": use_cuda_graph,
             "device": dist_utils.device_description(device),
             "num_images": len(image_paths), "steps_per_epoch": steps_per_epoch, "total_iters": total_iters,
             **extra})
@@ -451,7 +443,6 @@ def train(cfg: PretrainConfig, image_paths: Sequence[Path], work_dir: "str | Pat
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    set_fast_weight_grad(model, use_fast_weight_grad)
     if dist_utils.is_dist():
         # broadcast_buffers=False as the reference's MMDistributedDataParallel: each rank keeps
         # its own BN running statistics, rank 0's are saved

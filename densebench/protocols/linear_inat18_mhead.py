@@ -2,7 +2,9 @@
 [0x] `resnet50_mhead_8xb32-steplr-84e_inat18`).
 
 The model is that of 3a (five heads, specified pooling, synced BatchNorm(affine=False),
-Linear -> 8142); 84 epochs, steps [24, 48, 72]. No published DenseCL numbers.
+Linear -> 8142); 84 epochs, steps [24, 48, 72]. No published DenseCL numbers. The reference
+evaluated every 10 epochs and not at the end (last at epoch 80): the metrics are epoch 80's,
+the final epoch's are kept under `at_final_epoch` (linear_probe.probe_metrics).
 Trainer: `linear_probe`.
 """
 from __future__ import annotations

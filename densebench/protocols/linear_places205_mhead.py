@@ -2,7 +2,9 @@
 [0x] `resnet50_mhead_8xb32-steplr-28e_places205`).
 
 The model is that of 3a (five heads, specified pooling, synced BatchNorm(affine=False),
-Linear -> 205); 28 epochs, steps [7, 14, 21]. Trainer: `linear_probe`.
+Linear -> 205); 28 epochs, steps [7, 14, 21]. The reference evaluated every 10 epochs and not
+at the end, so its published accuracy is epoch 20's: the metrics are epoch 20's, the final
+epoch's are kept under `at_final_epoch` (linear_probe.probe_metrics). Trainer: `linear_probe`.
 """
 from __future__ import annotations
 
