@@ -10,6 +10,7 @@ import torchvision
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d, roi_align
 
+from densebench.errors import InputError
 from densebench.evaluate.checkpoint import load_backbone_state_dict
 from densebench.protocols import det_coco_maskrcnn_fpn, det_voc0712_c4, detection
 
@@ -214,8 +215,17 @@ def test_schedule_warmup_steps_and_linear_scaling():
     half = detection.scaled_schedule(0.02, 24000, [18000, 22000], 100, 0.001, 16, 8)
     assert (half.base_lr, half.max_iter, half.steps, half.warmup_iters) == (pytest.approx(0.01), 48000,
                                                                              [36000, 44000], 200)
-    coco = det_coco_maskrcnn_fpn.train_schedule(det_coco_maskrcnn_fpn.Config(), 117266, 16)
-    assert coco.max_iter == 12 * 7330 and coco.steps == [8 * 7330, 11 * 7330] and coco.warmup_iters == 1000
+    # mmdet's group sampler pads each aspect group to whole batches: 1001 + 501 iterations per epoch
+    groups = [0] * (16 * 1000 + 1) + [1] * (16 * 500 + 1)
+    coco = det_coco_maskrcnn_fpn.train_schedule(det_coco_maskrcnn_fpn.Config(), groups, 16)
+    assert coco.max_iter == 12 * 1502 and coco.steps == [8 * 1502, 11 * 1502] and coco.warmup_iters == 1000
+
+
+def test_reference_total_batch_at_any_gpu_count():
+    assert [detection.images_per_gpu_for(16, 0, world, "x") for world in (1, 2, 4, 8, 16)] == [16, 8, 4, 2, 1]
+    assert detection.images_per_gpu_for(16, 2, 1, "x") == 2                 # explicit: the caller scales
+    with pytest.raises(InputError, match="images_per_step=16 is not divisible by the 3"):
+        detection.images_per_gpu_for(16, 0, 3, "det_voc0712_c4")
 
 
 def test_grouped_batches():

@@ -72,8 +72,8 @@ class Config:
     lr_step_epochs: Tuple[int, ...] = (8, 11)
     warmup_iters: int = 1000
     warmup_factor: float = 0.001
-    images_per_step: int = 16                       # total batch the schedule is written for (8 GPUs x 2)
-    images_per_gpu: int = 2
+    images_per_step: int = 16                       # total batch of the reference (8 GPUs x 2, SyncBN over all)
+    images_per_gpu: int = 0                         # 0: images_per_step / GPUs; > 0: scale lr/iters linearly
     amp: bool = True                                # GPU only
     eval_interval: int = 0                          # iterations; 0 = after every epoch (mmdet)
     checkpoint_interval: int = 2000
@@ -100,9 +100,14 @@ def load_split(data_root, split: str):
     return read_coco_instances(root / "annotations" / f"instances_{split}2017.json", root / f"{split}2017")
 
 
-def train_schedule(cfg: Config, num_images: int, total_batch: int) -> detection.Schedule:
+def iterations_per_epoch(group_ids: List[int], images_per_step: int) -> int:
+    """mmdet's epoch length with its aspect-ratio group sampler: each group is padded to whole batches."""
+    return sum(math.ceil(group_ids.count(group) / images_per_step) for group in set(group_ids))
+
+
+def train_schedule(cfg: Config, group_ids: List[int], total_batch: int) -> detection.Schedule:
     """Epochs -> iterations at the reference batch, then the linear scaling rule for the real batch."""
-    iters_per_epoch = math.ceil(num_images / cfg.images_per_step)
+    iters_per_epoch = iterations_per_epoch(group_ids, cfg.images_per_step)
     max_iter = cfg.max_iter if cfg.max_iter > 0 else cfg.epochs * iters_per_epoch
     steps = [e * iters_per_epoch for e in cfg.lr_step_epochs if e * iters_per_epoch < max_iter]
     return detection.scaled_schedule(cfg.base_lr, max_iter, steps, cfg.warmup_iters, cfg.warmup_factor,
@@ -129,6 +134,8 @@ def coco_results_converter(records: List[detection.DetectionRecord], label_to_ca
 # ---------------------------------------------------------------------------------------------
 
 def run(ctx: RunContext, cfg: Config) -> ProtocolOutput:
+    images_per_gpu = detection.images_per_gpu_for(cfg.images_per_step, cfg.images_per_gpu,
+                                                  dist_utils.world_size(), NAME)
     train_coco, train_images = load_split(ctx.data_root, "train")
     val_coco, val_images = load_split(ctx.data_root, "val")
     categories = category_ids(train_coco)
@@ -151,10 +158,11 @@ def run(ctx: RunContext, cfg: Config) -> ProtocolOutput:
 
     train_set = detection.DetectionDataset(train_records, flip_prob=cfg.flip_prob, mask_fn=segmentation_to_mask)
     val_set = detection.DetectionDataset(val_records)
-    total_batch = cfg.images_per_gpu * dist_utils.world_size()
-    schedule = train_schedule(cfg, len(train_records), total_batch)
-    eval_interval = cfg.eval_interval or math.ceil(len(train_records) / total_batch)
-    loop = detection.LoopSettings(images_per_gpu=cfg.images_per_gpu, momentum=cfg.momentum,
+    total_batch = images_per_gpu * dist_utils.world_size()
+    schedule = train_schedule(cfg, train_set.group_ids(), total_batch)
+    eval_interval = cfg.eval_interval or schedule.scaled_interval(
+        iterations_per_epoch(train_set.group_ids(), cfg.images_per_step))
+    loop = detection.LoopSettings(images_per_gpu=images_per_gpu, momentum=cfg.momentum,
                                   weight_decay=cfg.weight_decay, weight_decay_norm=None, amp=cfg.amp,
                                   eval_interval=eval_interval, checkpoint_interval=cfg.checkpoint_interval,
                                   log_interval=cfg.log_interval, precise_bn_iters=0)

@@ -52,6 +52,7 @@ from tqdm import tqdm
 
 from densebench import distributed as dist_utils
 from densebench.data.image import load_image
+from densebench.errors import InputError
 from densebench.evaluate.backbone import IMAGENET_MEAN, IMAGENET_STD
 from densebench.io import torch_save_atomic
 
@@ -462,6 +463,18 @@ def scaled_schedule(base_lr: float, max_iter: int, steps: Sequence[int], warmup_
                     steps=[round(s / scale) for s in steps], warmup_iters=round(warmup_iters / scale),
                     warmup_factor=warmup_factor, images_per_step=images_per_step,
                     reference_images_per_step=reference_images_per_step, scale=scale)
+
+
+def images_per_gpu_for(images_per_step: int, images_per_gpu: int, world_size: int, option: str) -> int:
+    """Per-GPU batch. 0 (default) keeps the reference total batch at any GPU count (mmdet ran 16
+    images per step with SyncBN over all of them): images_per_step / world size, which must divide.
+    A positive value is the user's explicit choice; the schedule is then scaled linearly."""
+    if images_per_gpu > 0:
+        return images_per_gpu
+    if images_per_step % world_size:
+        raise InputError(None, f"{option}.images_per_step={images_per_step} is not divisible by the "
+                               f"{world_size} processes; set {option}.images_per_gpu to scale the schedule instead")
+    return images_per_step // world_size
 
 
 def parameter_groups(model: nn.Module, weight_decay: float, weight_decay_norm: Optional[float]) -> List[dict]:
