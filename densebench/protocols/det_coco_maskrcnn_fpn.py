@@ -48,6 +48,8 @@ class Config:
     rpn_pre_nms_test: int = 1000
     rpn_post_nms_test: int = 1000
     rpn_nms: float = 0.7
+    rpn_min_pos_iou: float = 0.3                    # low-quality matches need this IoU (mmdet min_pos_iou)
+    rpn_allowed_border: int = -1                     # -1: every anchor on the image's (32-padded) grid
     # heads (7.1 "Box head", "Mask head", "RCNN train")
     box_roi_size: int = 7
     mask_roi_size: int = 14
@@ -59,6 +61,7 @@ class Config:
     roi_bg_iou: float = 0.5
     roi_batch_per_image: int = 512
     roi_positive_fraction: float = 0.25
+    roi_low_quality: bool = True                  # mmdet rcnn assigner match_low_quality (min_pos_iou 0.5)
     # test (7.1 "Test")
     test_score_thresh: float = 0.05
     test_nms: float = 0.5

@@ -52,12 +52,15 @@ class Config:
     rpn_pre_nms_test: int = 6000
     rpn_post_nms_test: int = 1000
     rpn_nms: float = 0.7
+    rpn_min_pos_iou: float = 0.3                    # low-quality matches need this IoU (mmdet min_pos_iou)
+    rpn_allowed_border: int = 0                     # only anchors inside the image are assigned
     # RoI head: RoIAlign 14 -> res5 -> extra BN -> avg-pool -> cls / class-specific box (6.1 "RoI head")
     roi_output_size: int = 14
     roi_fg_iou: float = 0.5
     roi_bg_iou: float = 0.5
     roi_batch_per_image: int = 512
     roi_positive_fraction: float = 0.25
+    roi_low_quality: bool = False                  # mmdet rcnn assigner match_low_quality (min_pos_iou 0.5)
     # test post-processing (6.1 "Test post-proc")
     test_score_thresh: float = 0.05
     test_nms: float = 0.5
