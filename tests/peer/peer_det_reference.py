@@ -181,8 +181,9 @@ def _convmodule(prefix_from: str, prefix_to: str, sd: dict, out: dict) -> None:
             out[prefix_to + ".1." + key[len(prefix_from) + 4:]] = value
 
 
-def c4_state_dict(reference: nn.Module) -> dict:
-    sd = reference.state_dict()
+def c4_state_dict(reference: nn.Module, tensors: dict = None) -> dict:
+    """`tensors` (default: the state dict) named as the reference's parameters, e.g. their gradients."""
+    sd = reference.state_dict() if tensors is None else tensors
     out = {}
     for key, value in sd.items():
         if key.startswith("backbone."):
@@ -208,8 +209,9 @@ def _box_predictor_state(sd: dict, out: dict) -> None:
         out[f"roi_heads.box_predictor.bbox_pred.{kind}"] = _box_regression(sd[f"roi_head.bbox_head.fc_reg.{kind}"])
 
 
-def fpn_state_dict(reference: nn.Module) -> dict:
-    sd = reference.state_dict()
+def fpn_state_dict(reference: nn.Module, tensors: dict = None) -> dict:
+    """`tensors` (default: the state dict) named as the reference's parameters, e.g. their gradients."""
+    sd = reference.state_dict() if tensors is None else tensors
     out = {}
     for key, value in sd.items():
         if key.startswith("backbone."):
