@@ -293,3 +293,14 @@ def test_dataset_flip_moves_boxes_and_masks_with_the_image(tmp_path):
     assert target["masks"][0, 10:20, 35:55].all() and target["masks"].sum() == 200
     plain, target, _ = detection.DetectionDataset([record])[0]
     assert target["boxes"][0].tolist() == [5.0, 10.0, 25.0, 20.0] and plain[:, 10:20, 5:25].min() == 1.0
+
+
+def test_coco_training_images_filtered_as_mmdet():
+    """mmdet keeps an image with any annotation (crowd-only included: it gives negatives) of at least 32 px."""
+    from types import SimpleNamespace
+    coco = SimpleNamespace(imgToAnns={1: [{"iscrowd": 1}], 2: [], 3: [{"iscrowd": 0}]})
+    image = lambda i, w=100, h=80: SimpleNamespace(image_id=i, width=w, height=h)  # noqa: E731
+    assert det_coco_maskrcnn_fpn.kept_for_training(coco, image(1))
+    assert not det_coco_maskrcnn_fpn.kept_for_training(coco, image(2))
+    assert not det_coco_maskrcnn_fpn.kept_for_training(coco, image(4))
+    assert not det_coco_maskrcnn_fpn.kept_for_training(coco, image(3, w=31))

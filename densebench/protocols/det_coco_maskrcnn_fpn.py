@@ -1,7 +1,8 @@
 """Mask R-CNN R50-FPN, 1x schedule, multi-scale training, on COCO2017 (PROTOCOLS.md section 7.1).
 
 The MMSelfSup mmdet protocol: SyncBN in the backbone, FPN, 4conv1fc box head and mask head;
-train2017 (images without a usable box filtered, crowd boxes ignored), evaluated on val2017 with
+train2017 (images without any annotation or under 32 px filtered as mmdet does, crowd boxes
+ignored), evaluated on val2017 with
 pycocotools (box and mask AP, AP50, AP75, APs/m/l; per class in `extra`). The number of
 classes comes from the annotation file (80 for COCO). The 12 epochs are turned into
 iterations from the number of training images and the total batch; steps at epochs 8 and 11.
@@ -98,6 +99,13 @@ def to_record(image) -> detection.DetectionRecord:
         segmentations=[seg for seg, k in zip(image.segmentations, keep) if k])
 
 
+def kept_for_training(coco, image) -> bool:
+    """mmdet CocoDataset._filter_imgs (filter_empty_gt, min_size 32): an image is trained on when it
+    has any annotation at all -- one with only crowd (or too small) boxes is kept and contributes
+    negatives -- and both sides are at least 32 pixels."""
+    return bool(coco.imgToAnns.get(image.image_id)) and min(image.width, image.height) >= 32
+
+
 def load_split(data_root, split: str):
     root = coco_root(data_root)
     return read_coco_instances(root / "annotations" / f"instances_{split}2017.json", root / f"{split}2017")
@@ -144,8 +152,8 @@ def run(ctx: RunContext, cfg: Config) -> ProtocolOutput:
     categories = category_ids(train_coco)
     if categories != category_ids(val_coco):
         raise InputError(coco_root(ctx.data_root) / "annotations", "train and val categories differ")
-    train_records = [r for r in (to_record(image) for image in train_images) if len(r.labels) > 0]
-    if not train_records:
+    train_records = [to_record(image) for image in train_images if kept_for_training(train_coco, image)]
+    if not any(len(r.labels) for r in train_records):
         raise InputError(coco_root(ctx.data_root) / "annotations" / "instances_train2017.json",
                          "no training image with a usable (non-crowd) box")
     if cfg.max_val_images > 0:
