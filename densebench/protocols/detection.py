@@ -352,6 +352,8 @@ class DetectionTransform(GeneralizedRCNNTransform):
         if "masks" in target:
             target["masks"] = F.interpolate(target["masks"][:, None].float(), size=(new_h, new_w),
                                             mode="nearest")[:, 0].to(torch.uint8)
+            if bool(target.pop("flip_masks", False)):
+                target["masks"] = target["masks"].flip(-1)
         return image, target
 
     def postprocess(self, result, image_shapes, original_image_sizes):
@@ -548,7 +550,7 @@ class DetectionDataset(Dataset):
     """Images as float [0, 1] RGB tensors + torchvision targets (labels 1..C, 0 is background).
 
     Training flips horizontally with probability `flip_prob`; resizing and normalisation happen
-    in the model's DetectionTransform. Masks (when `mask_fn` is given) are rasterised at the
+    in the model's DetectionTransform (which flips the masks after resizing them, see there). Masks (when `mask_fn` is given) are rasterised at the
     image's size by `mask_fn(segmentation, height, width)`.
     """
 
@@ -579,8 +581,8 @@ class DetectionDataset(Dataset):
         if self.flip_prob > 0 and torch.rand(()) < self.flip_prob:
             image = image.flip(-1)
             target["boxes"] = torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], dim=1)
-            if "masks" in target:
-                target["masks"] = target["masks"].flip(-1)
+            if "masks" in target:                   # flipped after the nearest resize, as mmdet (they do not commute)
+                target["flip_masks"] = torch.tensor(True)
         return image, target, index
 
 
