@@ -1,21 +1,39 @@
 """Shared pieces of the two detection-transfer protocols (PROTOCOLS.md sections 6 and 7).
 
 Both detectors are assembled from torchvision's detection parts (GeneralizedRCNN,
-RegionProposalNetwork, RPNHead, AnchorGenerator, RoIHeads, MultiScaleRoIAlign,
-BackboneWithFPN, FastRCNNConvFCHead, MaskRCNNHeads/Predictor) configured as the MMSelfSup
-mmdet protocols (PROTOCOLS.md 6.1, 7.1). Where torchvision's defaults differ from the
-specification, a small subclass changes exactly that:
-- `AlignedRoIAlign`: RoIAlign with aligned=True (mmcv's default / detectron2's ROIAlignV2);
-  torchvision's MultiScaleRoIAlign uses the legacy aligned=False.
-- `L1RegionProposalNetwork` and `DetectionRoIHeads`: box regression losses are L1 (mmdet
-  L1Loss, detectron2 smooth-L1 with beta 0) instead of torchvision's smooth-L1 with beta 1/9.
-- `DetectionTransform`: separate train (multi-scale) and test sizes.
-- Every normalisation layer is a trainable nn.BatchNorm2d (never FrozenBatchNorm2d), turned into
-  SyncBatchNorm under torchrun on GPUs (`convert_sync_batchnorm`); nothing is frozen.
-Known remaining differences, documented: anchors crossing the image border are used
-(detectron2's boundary threshold -1; mmdet C4 uses allowed_border 0); torchvision's low-quality
-RPN matches have no minimum IoU (mmdet min_pos_iou 0.3); mask targets are cropped with
-torchvision's legacy RoIAlign.
+RegionProposalNetwork, RPNHead, RoIHeads, BackboneWithFPN, FastRCNNConvFCHead,
+MaskRCNNHeads/Predictor) configured as the MMSelfSup 0.x mmdet benchmarks (PROTOCOLS.md 6.1,
+7.1). Where torchvision's behaviour differs from mmdet 2.x, which produced the published numbers,
+a small subclass or function here does what mmdet does: aligned RoIAlign (`AlignedRoIAlign`),
+anchors at fixed strides without rounding (`ReferenceAnchorGenerator`), mmdet's MaxIoUAssigner
+(`max_iou_assign`: min_pos_iou, low-quality matches to the GT they are best for), RPN valid
+flags and allowed_border, L1 box losses, mask targets by aligned RoIAlign binarised at 0.5,
+post-processing without torchvision's small-box filters, resize rounding and mask pasting with
+grid_sample (`DetectionTransform`, `paste_masks`). Every normalisation layer is a trainable
+nn.BatchNorm2d, SyncBatchNorm under torchrun on GPUs; nothing is frozen; 16 images per step at
+any GPU count.
+
+What the peer tests (tests/peer/test_peer_det_*.py, against mmdet 2.28.2 built from the
+configs) pin, with the bound of each remaining difference:
+- forward and inference (C4 and Mask R-CNN FPN, mapped random weights): features, RPN outputs,
+  anchors, proposals, boxes, scores, labels equal to 1e-4 px / 1e-5; pasted binary masks
+  identical;
+- training: anchor assignment and regression targets identical; with injected proposals and an
+  injected sampler every loss term to 1e-4 (relative) and every parameter's gradient to 1e-4
+  of its largest entry;
+- data: image size, padding, scale factor, boxes, labels, masks identical for injected scale
+  and flip draws; the input tensor differs by at most one grey level (1/57.12 after
+  normalisation, mean < 0.3 of that) because mmdet resizes the uint8 image with OpenCV;
+- evaluation and solver: VOC07 11-point AP equal to eval_map to float32 rounding (1e-6);
+  IoU exactly at the threshold counts as a match (eval_map's >=) in the mmdet convention,
+  not in the detectron2 one (devkit's >); lr equal at every iteration of the 24k and 1x
+  schedules; epoch length equal to mmdet's group sampler; SGD groups equal;
+- not matched: random sampling and data order (injected in the tests; their effect is seed
+  noise) and the VOC box frame of training. densebench trains and evaluates in the continuous
+  frame (x0 - 1, y0 - 1, x1, y1 of the XML), flipped exactly; mmdet trains on XML - 1 (inclusive
+  pixel indices, right/bottom edges 1 px inside ours), adds the 1 back in its legacy-coordinate
+  metric, and flips as w - x, which puts its flipped targets 1 px right of the mirrored object
+  (PROTOCOLS.md 6.3). Same metric on the same predictions; targets differ by <= 1 px.
 
 The rest is the training machinery of both protocols: the data pipeline (image + flip, masks),
 aspect-ratio grouped batches, the iteration loop with linear warm-up and step decay, AMP on GPU,
@@ -421,6 +439,22 @@ def init_box_predictor(predictor: FastRCNNPredictor) -> FastRCNNPredictor:
     return predictor
 
 
+@torch.no_grad()
+def init_like_mmdet(fpn: nn.Module, box_head: nn.Module, mask_predictor: MaskRCNNPredictor, num_classes: int) -> None:
+    """mmdet 2.x initialisation where torchvision's differs: FPN convs and the box head's fc are
+    Xavier-uniform with zero bias (torchvision: Kaiming-uniform a=1 / PyTorch's Linear default);
+    mask logits Kaiming-normal over fan_out = num_classes (torchvision counts the background too);
+    zero biases in the mask predictor (torchvision leaves PyTorch's default)."""
+    for module in list(fpn.modules()) + [m for m in box_head.modules() if isinstance(m, nn.Linear)]:
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+    nn.init.normal_(mask_predictor.mask_fcn_logits.weight, std=math.sqrt(2.0 / num_classes))
+    nn.init.zeros_(mask_predictor.mask_fcn_logits.bias)
+    nn.init.zeros_(mask_predictor.conv5_mask.bias)
+
+
 def _rpn(cfg, anchor_generator: AnchorGenerator, in_channels: int) -> L1RegionProposalNetwork:
     head = RPNHead(in_channels, anchor_generator.num_anchors_per_location()[0])
     return L1RegionProposalNetwork(
@@ -484,6 +518,7 @@ def build_mask_rcnn_fpn(resnet: nn.Module, num_classes: int, cfg) -> Generalized
     mask_head = MaskRCNNHeads(backbone.out_channels, [cfg.head_channels] * cfg.mask_head_convs, 1,
                               norm_layer=nn.BatchNorm2d)
     mask_predictor = MaskRCNNPredictor(cfg.head_channels, cfg.head_channels, num_classes + 1)
+    init_like_mmdet(backbone.fpn, box_head, mask_predictor, num_classes)
     roi_heads = DetectionRoIHeads(box_pool, box_head, predictor, mask_roi_pool=mask_pool, mask_head=mask_head,
                                   mask_predictor=mask_predictor, **_roi_heads_kwargs(cfg))
     roi_heads.low_quality = cfg.roi_low_quality

@@ -111,3 +111,25 @@ def test_fpn_anchors_on_every_level_equal_mmdet_for_odd_grid_sizes():
         anchors = ours.rpn.anchor_generator(ImageList(torch.zeros((1, 3) + padded), [padded]), features)[0]
         reference = torch.cat(ref.rpn_head.prior_generator.grid_priors(sizes, device="cpu"))
         torch.testing.assert_close(anchors, reference, rtol=0, atol=1e-4)
+
+
+def test_mask_rcnn_initialisation_distributions_equal_mmdet():
+    """Same initialiser for every head tensor: standard deviation within 3% for the weights, zero
+    biases where mmdet's are zero (FPN Xavier, fc Xavier, mask logits over fan_out = classes)."""
+    ref = R.build_reference(R.fpn_cfg(num_classes=80), 0)
+    ours, _ = R.our_fpn(num_classes=80)
+    ours_state = ours.state_dict()
+    weights = 0
+    for name, expected in R.fpn_state_dict(ref).items():
+        if name.startswith("backbone.body.") or not name.endswith(("weight", "bias")):
+            continue
+        mine = ours_state[name]
+        if "mask_fcn_logits" in name or "bbox_pred" in name:           # drop the unused background slot
+            skip = 4 if "bbox_pred" in name else 1
+            expected, mine = expected[skip:], mine[skip:]
+        if name.endswith("bias") and float(expected.abs().max()) == 0:
+            assert float(mine.abs().max()) == 0, name
+        elif name.endswith("weight") and expected.dim() > 1 and expected.numel() >= 5000:   # std known to ~1%
+            assert float(mine.std()) == pytest.approx(float(expected.std()), rel=0.03), name
+            weights += 1
+    assert weights >= 17
