@@ -93,9 +93,9 @@ def injected_proposals(gt_boxes, image_size, seed):
     """GT boxes jittered (many positives) plus random boxes (negatives), clipped to the image."""
     generator = torch.Generator().manual_seed(seed)
     h, w = image_size
-    jittered = gt_boxes.repeat(40, 1) + torch.randn(40 * len(gt_boxes), 4, generator=generator) * 8
-    xy = torch.rand(300, 2, generator=generator) * torch.tensor([w - 8.0, h - 8.0])
-    random = torch.cat([xy, xy + 4 + torch.rand(300, 2, generator=generator) * 80], dim=1)
+    jittered = gt_boxes.repeat(20, 1) + torch.randn(20 * len(gt_boxes), 4, generator=generator) * 8
+    xy = torch.rand(100, 2, generator=generator) * torch.tensor([w - 8.0, h - 8.0])
+    random = torch.cat([xy, xy + 4 + torch.rand(100, 2, generator=generator) * 80], dim=1)
     boxes = torch.cat([jittered, random])
     boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
     boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
