@@ -161,10 +161,11 @@ def max_iou_assign(iou: torch.Tensor, pos_iou: float, neg_iou: float, min_pos_io
     positive = max_iou >= pos_iou
     assigned[positive] = best_gt[positive] + 1
     if low_quality:
-        gt_max = iou.max(dim=1).values
-        for g in range(iou.shape[0]):
-            if gt_max[g] >= min_pos_iou:
-                assigned[iou[g] == gt_max[g]] = g + 1
+        gt_max = iou.max(dim=1, keepdim=True).values
+        best_for = (iou == gt_max) & (gt_max >= min_pos_iou)                  # [num_gt, num_boxes]
+        gt_number = torch.arange(1, iou.shape[0] + 1, device=iou.device)[:, None]
+        last_gt = (best_for * gt_number).max(dim=0).values                    # the later GT wins, as mmdet's loop
+        assigned = torch.where(last_gt > 0, last_gt, assigned)
     return assigned
 
 

@@ -192,3 +192,21 @@ def test_rpn_anchor_assignment_and_targets_equal_mmdet(model):
         deltas = ours.rpn.box_coder.encode([matched[0][positive]], [ours_anchors[0][positive]])[0]
         torch.testing.assert_close(deltas, coder.encode(anchors[positive], gt_boxes[expected[positive] - 1]),
                                    rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("config", [(0.7, 0.3, 0.3, True), (0.5, 0.5, 0.5, True), (0.5, 0.5, 0.5, False)])
+def test_max_iou_assign_equals_mmdet_on_iou_matrices_with_ties(config):
+    """Coarse IoUs (multiples of 0.05) make ties everywhere: several GTs best for one box, several
+    boxes best for one GT, values exactly at the thresholds; row scales put some GTs' best IoU
+    under min_pos_iou."""
+    from densebench.protocols.detection import max_iou_assign
+    pos, neg, min_pos, low_quality = config
+    assigner = build_assigner(R.assigner(pos, neg, min_pos, low_quality))
+    generator = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        rows = 1 + trial % 6                                     # some GTs' best IoU under min_pos_iou
+        iou = torch.round(torch.rand(rows, 300, generator=generator) ** 2
+                          * torch.rand(rows, 1, generator=generator) * 20) / 20
+        expected = assigner.assign_wrt_overlaps(iou).gt_inds
+        assert torch.equal(max_iou_assign(iou, pos, neg, min_pos, low_quality), expected)
+    assert torch.equal(max_iou_assign(torch.zeros(0, 5), pos, neg, min_pos, low_quality), torch.zeros(5).long())
