@@ -308,3 +308,17 @@ def test_coco_training_images_filtered_as_mmdet():
     assert not det_coco_maskrcnn_fpn.kept_for_training(coco, image(2))
     assert not det_coco_maskrcnn_fpn.kept_for_training(coco, image(4))
     assert not det_coco_maskrcnn_fpn.kept_for_training(coco, image(3, w=31))
+
+
+def test_boxes_decoded_in_float32_under_autocast():
+    """torchvision decodes in the deltas' dtype; under AMP that is float16 (0.5 px steps near 1000)."""
+    coder = detection.Float32BoxCoder((10.0, 10.0, 5.0, 5.0))
+    deltas = torch.randn(50, 4).bfloat16()
+    boxes = torch.rand(50, 4) * 500 + torch.tensor([700.0, 700.0, 1200.0, 1200.0])
+    decoded = coder.decode(deltas, [boxes])
+    assert decoded.dtype == torch.float32
+    torch.testing.assert_close(decoded, coder.decode(deltas.float(), [boxes]))
+    anchors = detection.ReferenceAnchorGenerator(((32,),), ((0.5, 1.0, 2.0),), (16,))
+    from torchvision.models.detection.image_list import ImageList
+    out = anchors(ImageList(torch.zeros(1, 3, 64, 64), [(64, 64)]), [torch.zeros(1, 1, 4, 4, dtype=torch.float16)])
+    assert out[0].dtype == torch.float32

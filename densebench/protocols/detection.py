@@ -56,6 +56,7 @@ import torchvision
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection._utils import BoxCoder
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
@@ -112,6 +113,14 @@ class AlignedRoIAlign(MultiScaleRoIAlign):
         return result
 
 
+class Float32BoxCoder(BoxCoder):
+    """Box decoding in float32. torchvision decodes in the deltas' dtype, i.e. float16 under AMP,
+    which holds image coordinates near 1000 only to 0.5 px; mmdet's configs run in float32."""
+
+    def decode(self, rel_codes, boxes):
+        return super().decode(rel_codes.float(), [b.float() for b in boxes])
+
+
 class ReferenceAnchorGenerator(AnchorGenerator):
     """mmdet's AnchorGenerator: base anchors not rounded, each level at its fixed stride.
 
@@ -136,7 +145,7 @@ class ReferenceAnchorGenerator(AnchorGenerator):
         grid_sizes = [feature_map.shape[-2:] for feature_map in feature_maps]
         device = feature_maps[0].device
         strides = [[torch.tensor(s, device=device), torch.tensor(s, device=device)] for s in self.strides]
-        self.set_cell_anchors(feature_maps[0].dtype, device)
+        self.set_cell_anchors(torch.float32, device)                         # float32 under AMP too
         per_level = self.grid_anchors(grid_sizes, strides)
         self.anchor_strides = torch.cat([torch.full((len(a),), float(s), device=device)
                                          for a, s in zip(per_level, self.strides)])
@@ -184,6 +193,7 @@ class L1RegionProposalNetwork(RegionProposalNetwork):
         self.min_pos_iou = min_pos_iou
         self.allowed_border = allowed_border
         self.min_size = torch.finfo(torch.float32).tiny
+        self.box_coder = Float32BoxCoder(self.box_coder.weights)
         self._image_sizes: List[Tuple[int, int]] = []
 
     def forward(self, images, features, targets=None):
@@ -255,6 +265,10 @@ class DetectionRoIHeads(RoIHeads):
     """
 
     low_quality: bool = False
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.box_coder = Float32BoxCoder(self.box_coder.weights)
 
     def assign_targets_to_proposals(self, proposals, gt_boxes, gt_labels):
         matched_idxs, labels = [], []
