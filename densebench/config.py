@@ -51,6 +51,7 @@ NonNegativeFloat = Annotated[float, NON_NEGATIVE]
 Fraction = Annotated[float, UNIT_INTERVAL]              # probabilities, IoU thresholds, momenta
 Seed = Annotated[int, SEED_RANGE]
 Milestones = Annotated[Tuple[PositiveInt, ...], MAY_BE_EMPTY]   # lr decay steps; () = constant lr
+AllowedBorder = Annotated[int, Rule(">= -1", lambda v: v >= -1)]  # mmdet allowed_border: -1 = every anchor
 
 
 class _Mismatch(Exception):

@@ -10,6 +10,7 @@ import torchvision
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d, roi_align
 
+from densebench.errors import InputError
 from densebench.evaluate.checkpoint import load_backbone_state_dict
 from densebench.protocols import det_coco_maskrcnn_fpn, det_voc0712_c4, detection
 
@@ -214,8 +215,17 @@ def test_schedule_warmup_steps_and_linear_scaling():
     half = detection.scaled_schedule(0.02, 24000, [18000, 22000], 100, 0.001, 16, 8)
     assert (half.base_lr, half.max_iter, half.steps, half.warmup_iters) == (pytest.approx(0.01), 48000,
                                                                              [36000, 44000], 200)
-    coco = det_coco_maskrcnn_fpn.train_schedule(det_coco_maskrcnn_fpn.Config(), 117266, 16)
-    assert coco.max_iter == 12 * 7330 and coco.steps == [8 * 7330, 11 * 7330] and coco.warmup_iters == 1000
+    # mmdet's group sampler pads each aspect group to whole batches: 1001 + 501 iterations per epoch
+    groups = [0] * (16 * 1000 + 1) + [1] * (16 * 500 + 1)
+    coco = det_coco_maskrcnn_fpn.train_schedule(det_coco_maskrcnn_fpn.Config(), groups, 16)
+    assert coco.max_iter == 12 * 1502 and coco.steps == [8 * 1502, 11 * 1502] and coco.warmup_iters == 1000
+
+
+def test_reference_total_batch_at_any_gpu_count():
+    assert [detection.images_per_gpu_for(16, 0, world, "x") for world in (1, 2, 4, 8, 16)] == [16, 8, 4, 2, 1]
+    assert detection.images_per_gpu_for(16, 2, 1, "x") == 2                 # explicit: the caller scales
+    with pytest.raises(InputError, match="images_per_step=16 is not divisible by the 3"):
+        detection.images_per_gpu_for(16, 0, 3, "det_voc0712_c4")
 
 
 def test_grouped_batches():
@@ -280,6 +290,35 @@ def test_dataset_flip_moves_boxes_and_masks_with_the_image(tmp_path):
     x0, y0, x1, y1 = target["boxes"][0].tolist()
     assert (x0, y0, x1, y1) == (35.0, 10.0, 55.0, 20.0)
     assert image[:, 10:20, 35:55].min() == 1.0 and image[:, :, :35].max() == 0.0
-    assert target["masks"][0, 10:20, 35:55].all() and target["masks"].sum() == 200
+    # masks are flipped by the transform after their (nearest) resize, as mmdet orders it
+    assert bool(target["flip_masks"]) and target["masks"][0, 10:20, 5:25].all() and target["masks"].sum() == 200
+    transform = detection.DetectionTransform([40], 60, 40, 60).train()
+    _, resized = transform.resize(image, target)
+    assert "flip_masks" not in resized and resized["masks"][0, 10:20, 35:55].all() and resized["masks"].sum() == 200
     plain, target, _ = detection.DetectionDataset([record])[0]
     assert target["boxes"][0].tolist() == [5.0, 10.0, 25.0, 20.0] and plain[:, 10:20, 5:25].min() == 1.0
+
+
+def test_coco_training_images_filtered_as_mmdet():
+    """mmdet keeps an image with any annotation (crowd-only included: it gives negatives) of at least 32 px."""
+    from types import SimpleNamespace
+    coco = SimpleNamespace(imgToAnns={1: [{"iscrowd": 1}], 2: [], 3: [{"iscrowd": 0}]})
+    image = lambda i, w=100, h=80: SimpleNamespace(image_id=i, width=w, height=h)  # noqa: E731
+    assert det_coco_maskrcnn_fpn.kept_for_training(coco, image(1))
+    assert not det_coco_maskrcnn_fpn.kept_for_training(coco, image(2))
+    assert not det_coco_maskrcnn_fpn.kept_for_training(coco, image(4))
+    assert not det_coco_maskrcnn_fpn.kept_for_training(coco, image(3, w=31))
+
+
+def test_boxes_decoded_in_float32_under_autocast():
+    """torchvision decodes in the deltas' dtype; under AMP that is float16 (0.5 px steps near 1000)."""
+    coder = detection.Float32BoxCoder((10.0, 10.0, 5.0, 5.0))
+    deltas = torch.randn(50, 4).bfloat16()
+    boxes = torch.rand(50, 4) * 500 + torch.tensor([700.0, 700.0, 1200.0, 1200.0])
+    decoded = coder.decode(deltas, [boxes])
+    assert decoded.dtype == torch.float32
+    torch.testing.assert_close(decoded, coder.decode(deltas.float(), [boxes]))
+    anchors = detection.ReferenceAnchorGenerator(((32,),), ((0.5, 1.0, 2.0),), (16,))
+    from torchvision.models.detection.image_list import ImageList
+    out = anchors(ImageList(torch.zeros(1, 3, 64, 64), [(64, 64)]), [torch.zeros(1, 1, 4, 4, dtype=torch.float16)])
+    assert out[0].dtype == torch.float32

@@ -1,7 +1,8 @@
 """Mask R-CNN R50-FPN, 1x schedule, multi-scale training, on COCO2017 (PROTOCOLS.md section 7.1).
 
 The MMSelfSup mmdet protocol: SyncBN in the backbone, FPN, 4conv1fc box head and mask head;
-train2017 (images without a usable box filtered, crowd boxes ignored), evaluated on val2017 with
+train2017 (images without any annotation or under 32 px filtered as mmdet does, crowd boxes
+ignored), evaluated on val2017 with
 pycocotools (box and mask AP, AP50, AP75, APs/m/l; per class in `extra`). The number of
 classes comes from the annotation file (80 for COCO). The 12 epochs are turned into
 iterations from the number of training images and the total batch; steps at epochs 8 and 11.
@@ -15,7 +16,7 @@ from typing import Any, Dict, List, Tuple
 import numpy as np
 
 from densebench import distributed as dist_utils
-from densebench.config import Fraction, Milestones, NonNegativeInt, PositiveFloat, PositiveInt
+from densebench.config import AllowedBorder, Fraction, Milestones, NonNegativeInt, PositiveFloat, PositiveInt
 from densebench.data.coco import category_ids, read_coco_instances, segmentation_to_mask
 from densebench.data.layout import coco_root
 from densebench.errors import InputError
@@ -49,6 +50,8 @@ class Config:
     rpn_pre_nms_test: PositiveInt = 1000
     rpn_post_nms_test: PositiveInt = 1000
     rpn_nms: Fraction = 0.7
+    rpn_min_pos_iou: Fraction = 0.3                 # low-quality matches need this IoU (mmdet min_pos_iou)
+    rpn_allowed_border: AllowedBorder = -1          # -1: every anchor on the image's (32-padded) grid
     # heads (7.1 "Box head", "Mask head", "RCNN train")
     box_roi_size: PositiveInt = 7
     mask_roi_size: PositiveInt = 14
@@ -60,6 +63,7 @@ class Config:
     roi_bg_iou: Fraction = 0.5
     roi_batch_per_image: PositiveInt = 512
     roi_positive_fraction: Fraction = 0.25
+    roi_low_quality: bool = True                    # mmdet rcnn assigner match_low_quality (min_pos_iou 0.5)
     # test (7.1 "Test")
     test_score_thresh: Fraction = 0.05
     test_nms: Fraction = 0.5
@@ -73,8 +77,8 @@ class Config:
     lr_step_epochs: Milestones = (8, 11)
     warmup_iters: NonNegativeInt = 1000
     warmup_factor: Fraction = 0.001
-    images_per_step: PositiveInt = 16               # total batch the schedule is written for (8 GPUs x 2)
-    images_per_gpu: PositiveInt = 2
+    images_per_step: PositiveInt = 16               # total batch of the reference (8 GPUs x 2, SyncBN over all)
+    images_per_gpu: NonNegativeInt = 0              # 0: images_per_step / GPUs; > 0: scale lr/iters linearly
     amp: bool = True                                # GPU only
     eval_interval: NonNegativeInt = 0               # iterations; 0 = after every epoch (mmdet)
     checkpoint_interval: NonNegativeInt = 2000
@@ -96,14 +100,26 @@ def to_record(image) -> detection.DetectionRecord:
         segmentations=[seg for seg, k in zip(image.segmentations, keep) if k])
 
 
+def kept_for_training(coco, image) -> bool:
+    """mmdet CocoDataset._filter_imgs (filter_empty_gt, min_size 32): an image is trained on when it
+    has any annotation at all -- one with only crowd (or too small) boxes is kept and contributes
+    negatives -- and both sides are at least 32 pixels."""
+    return bool(coco.imgToAnns.get(image.image_id)) and min(image.width, image.height) >= 32
+
+
 def load_split(data_root, split: str):
     root = coco_root(data_root)
     return read_coco_instances(root / "annotations" / f"instances_{split}2017.json", root / f"{split}2017")
 
 
-def train_schedule(cfg: Config, num_images: int, total_batch: int) -> detection.Schedule:
+def iterations_per_epoch(group_ids: List[int], images_per_step: int) -> int:
+    """mmdet's epoch length with its aspect-ratio group sampler: each group is padded to whole batches."""
+    return sum(math.ceil(group_ids.count(group) / images_per_step) for group in set(group_ids))
+
+
+def train_schedule(cfg: Config, group_ids: List[int], total_batch: int) -> detection.Schedule:
     """Epochs -> iterations at the reference batch, then the linear scaling rule for the real batch."""
-    iters_per_epoch = math.ceil(num_images / cfg.images_per_step)
+    iters_per_epoch = iterations_per_epoch(group_ids, cfg.images_per_step)
     max_iter = cfg.max_iter if cfg.max_iter > 0 else cfg.epochs * iters_per_epoch
     steps = [e * iters_per_epoch for e in cfg.lr_step_epochs if e * iters_per_epoch < max_iter]
     return detection.scaled_schedule(cfg.base_lr, max_iter, steps, cfg.warmup_iters, cfg.warmup_factor,
@@ -130,13 +146,15 @@ def coco_results_converter(records: List[detection.DetectionRecord], label_to_ca
 # ---------------------------------------------------------------------------------------------
 
 def run(ctx: RunContext, cfg: Config) -> ProtocolOutput:
+    images_per_gpu = detection.images_per_gpu_for(cfg.images_per_step, cfg.images_per_gpu,
+                                                  dist_utils.world_size(), NAME)
     train_coco, train_images = load_split(ctx.data_root, "train")
     val_coco, val_images = load_split(ctx.data_root, "val")
     categories = category_ids(train_coco)
     if categories != category_ids(val_coco):
         raise InputError(coco_root(ctx.data_root) / "annotations", "train and val categories differ")
-    train_records = [r for r in (to_record(image) for image in train_images) if len(r.labels) > 0]
-    if not train_records:
+    train_records = [to_record(image) for image in train_images if kept_for_training(train_coco, image)]
+    if not any(len(r.labels) for r in train_records):
         raise InputError(coco_root(ctx.data_root) / "annotations" / "instances_train2017.json",
                          "no training image with a usable (non-crowd) box")
     if cfg.max_val_images > 0:
@@ -152,10 +170,11 @@ def run(ctx: RunContext, cfg: Config) -> ProtocolOutput:
 
     train_set = detection.DetectionDataset(train_records, flip_prob=cfg.flip_prob, mask_fn=segmentation_to_mask)
     val_set = detection.DetectionDataset(val_records)
-    total_batch = cfg.images_per_gpu * dist_utils.world_size()
-    schedule = train_schedule(cfg, len(train_records), total_batch)
-    eval_interval = cfg.eval_interval or math.ceil(len(train_records) / total_batch)
-    loop = detection.LoopSettings(images_per_gpu=cfg.images_per_gpu, momentum=cfg.momentum,
+    total_batch = images_per_gpu * dist_utils.world_size()
+    schedule = train_schedule(cfg, train_set.group_ids(), total_batch)
+    eval_interval = cfg.eval_interval or schedule.scaled_interval(
+        iterations_per_epoch(train_set.group_ids(), cfg.images_per_step))
+    loop = detection.LoopSettings(images_per_gpu=images_per_gpu, momentum=cfg.momentum,
                                   weight_decay=cfg.weight_decay, weight_decay_norm=None, amp=cfg.amp,
                                   eval_interval=eval_interval, checkpoint_interval=cfg.checkpoint_interval,
                                   log_interval=cfg.log_interval, precise_bn_iters=0)

@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Literal, Tuple
 import numpy as np
 
 from densebench import distributed as dist_utils
-from densebench.config import Fraction, Milestones, NonNegativeInt, PositiveFloat, PositiveInt
+from densebench.config import AllowedBorder, Fraction, Milestones, NonNegativeInt, PositiveFloat, PositiveInt
 from densebench.data.layout import voc07_root, voc12_root
 from densebench.data.voc import VOC_CLASSES, read_voc_det
 from densebench.errors import InputError
@@ -53,12 +53,15 @@ class Config:
     rpn_pre_nms_test: PositiveInt = 6000
     rpn_post_nms_test: PositiveInt = 1000
     rpn_nms: Fraction = 0.7
+    rpn_min_pos_iou: Fraction = 0.3                 # low-quality matches need this IoU (mmdet min_pos_iou)
+    rpn_allowed_border: AllowedBorder = 0           # only anchors inside the image are assigned
     # RoI head: RoIAlign 14 -> res5 -> extra BN -> avg-pool -> cls / class-specific box (6.1 "RoI head")
     roi_output_size: PositiveInt = 14
     roi_fg_iou: Fraction = 0.5
     roi_bg_iou: Fraction = 0.5
     roi_batch_per_image: PositiveInt = 512
     roi_positive_fraction: Fraction = 0.25
+    roi_low_quality: bool = False                   # mmdet rcnn assigner match_low_quality (min_pos_iou 0.5)
     # test post-processing (6.1 "Test post-proc")
     test_score_thresh: Fraction = 0.05
     test_nms: Fraction = 0.5
@@ -71,8 +74,8 @@ class Config:
     lr_steps: Milestones = (18000, 22000)
     warmup_iters: NonNegativeInt = 100
     warmup_factor: Fraction = 0.001
-    images_per_step: PositiveInt = 16               # total batch the schedule is written for (8 GPUs x 2)
-    images_per_gpu: PositiveInt = 2
+    images_per_step: PositiveInt = 16               # total batch of the reference (8 GPUs x 2, SyncBN over all)
+    images_per_gpu: NonNegativeInt = 0              # 0: images_per_step / GPUs; > 0: scale lr/iters linearly
     amp: bool = True                                # GPU only
     eval_interval: NonNegativeInt = 2000            # 6.1 "Eval"
     checkpoint_interval: NonNegativeInt = 2000
@@ -130,9 +133,11 @@ def detections_of(output, index: int) -> Dict[str, Any]:
             "labels": output["labels"].numpy() - 1}
 
 
-def voc_metrics(records: List[detection.DetectionRecord], detections: List[Dict[str, Any]]):
+def voc_metrics(records: List[detection.DetectionRecord], detections: List[Dict[str, Any]], convention: str):
+    """mmdet's eval_map counts IoU == threshold as a match, the devkit/detectron2 only IoU above it."""
     ground_truth = [{"boxes": r.boxes, "labels": r.labels, "difficult": r.difficult} for r in records]
-    return evaluate_voc_detection(ground_truth, detections, VOC_CLASSES, IOU_THRESHOLDS)
+    return evaluate_voc_detection(ground_truth, detections, VOC_CLASSES, IOU_THRESHOLDS,
+                                  inclusive=convention == "mmdet")
 
 
 def save_detections(path, records, detections) -> None:
@@ -151,6 +156,8 @@ def save_detections(path, records, detections) -> None:
 
 def run(ctx: RunContext, cfg: Config) -> ProtocolOutput:
     settings = convention_settings(cfg)
+    images_per_gpu = detection.images_per_gpu_for(cfg.images_per_step, cfg.images_per_gpu,
+                                                  dist_utils.world_size(), NAME)
     state_dict, info = ctx.backbone_state_dict()
     resnet = detection.resnet_from_state_dict(info.arch, state_dict)
     model = detection.build_faster_rcnn_c4(resnet, len(VOC_CLASSES), cfg)
@@ -165,10 +172,10 @@ def run(ctx: RunContext, cfg: Config) -> ProtocolOutput:
     train_set = detection.DetectionDataset(train_records, flip_prob=cfg.flip_prob)
     test_set = detection.DetectionDataset(tests)
 
-    total_batch = cfg.images_per_gpu * dist_utils.world_size()
+    total_batch = images_per_gpu * dist_utils.world_size()
     schedule = detection.scaled_schedule(cfg.base_lr, cfg.max_iter, cfg.lr_steps, cfg.warmup_iters,
                                          cfg.warmup_factor, cfg.images_per_step, total_batch)
-    loop = detection.LoopSettings(images_per_gpu=cfg.images_per_gpu, momentum=cfg.momentum,
+    loop = detection.LoopSettings(images_per_gpu=images_per_gpu, momentum=cfg.momentum,
                                   weight_decay=cfg.weight_decay, weight_decay_norm=settings["weight_decay_norm"],
                                   amp=cfg.amp, eval_interval=schedule.scaled_interval(cfg.eval_interval),
                                   checkpoint_interval=schedule.scaled_interval(cfg.checkpoint_interval),
@@ -178,7 +185,7 @@ def run(ctx: RunContext, cfg: Config) -> ProtocolOutput:
     def evaluate(model, iteration: int, final: bool):
         detections = detection.run_inference(model, test_set, ctx.device, cfg.amp, detections_of,
                                              ctx.num_workers, ctx.show_progress)
-        result = voc_metrics(tests, detections)
+        result = voc_metrics(tests, detections, cfg.convention)
         if final and dist_utils.is_main():
             save_detections(ctx.work_dir / "detections.json", tests, detections)
         return {"bbox": result.metrics()}, {"per_class": result.per_class(),

@@ -1,21 +1,39 @@
 """Shared pieces of the two detection-transfer protocols (PROTOCOLS.md sections 6 and 7).
 
 Both detectors are assembled from torchvision's detection parts (GeneralizedRCNN,
-RegionProposalNetwork, RPNHead, AnchorGenerator, RoIHeads, MultiScaleRoIAlign,
-BackboneWithFPN, FastRCNNConvFCHead, MaskRCNNHeads/Predictor) configured as the MMSelfSup
-mmdet protocols (PROTOCOLS.md 6.1, 7.1). Where torchvision's defaults differ from the
-specification, a small subclass changes exactly that:
-- `AlignedRoIAlign`: RoIAlign with aligned=True (mmcv's default / detectron2's ROIAlignV2);
-  torchvision's MultiScaleRoIAlign uses the legacy aligned=False.
-- `L1RegionProposalNetwork` and `DetectionRoIHeads`: box regression losses are L1 (mmdet
-  L1Loss, detectron2 smooth-L1 with beta 0) instead of torchvision's smooth-L1 with beta 1/9.
-- `DetectionTransform`: separate train (multi-scale) and test sizes.
-- Every normalisation layer is a trainable nn.BatchNorm2d (never FrozenBatchNorm2d), turned into
-  SyncBatchNorm under torchrun on GPUs (`convert_sync_batchnorm`); nothing is frozen.
-Known remaining differences, documented: anchors crossing the image border are used
-(detectron2's boundary threshold -1; mmdet C4 uses allowed_border 0); torchvision's low-quality
-RPN matches have no minimum IoU (mmdet min_pos_iou 0.3); mask targets are cropped with
-torchvision's legacy RoIAlign.
+RegionProposalNetwork, RPNHead, RoIHeads, BackboneWithFPN, FastRCNNConvFCHead,
+MaskRCNNHeads/Predictor) configured as the MMSelfSup 0.x mmdet benchmarks (PROTOCOLS.md 6.1,
+7.1). Where torchvision's behaviour differs from mmdet 2.x, which produced the published numbers,
+a small subclass or function here does what mmdet does: aligned RoIAlign (`AlignedRoIAlign`),
+anchors at fixed strides without rounding (`ReferenceAnchorGenerator`), mmdet's MaxIoUAssigner
+(`max_iou_assign`: min_pos_iou, low-quality matches to the GT they are best for), RPN valid
+flags and allowed_border, L1 box losses, mask targets by aligned RoIAlign binarised at 0.5,
+post-processing without torchvision's small-box filters, resize rounding and mask pasting with
+grid_sample (`DetectionTransform`, `paste_masks`). Every normalisation layer is a trainable
+nn.BatchNorm2d, SyncBatchNorm under torchrun on GPUs; nothing is frozen; 16 images per step at
+any GPU count.
+
+What the peer tests (tests/peer/test_peer_det_*.py, against mmdet 2.28.2 built from the
+configs) pin, with the bound of each remaining difference:
+- forward and inference (C4 and Mask R-CNN FPN, mapped random weights): features, RPN outputs,
+  anchors, proposals, boxes, scores, labels equal to 1e-4 px / 1e-5; pasted binary masks
+  identical;
+- training: anchor assignment and regression targets identical; with injected proposals and an
+  injected sampler every loss term to 1e-4 (relative) and every parameter's gradient to 1e-4
+  of its largest entry;
+- data: image size, padding, scale factor, boxes, labels, masks identical for injected scale
+  and flip draws; the input tensor differs by at most one grey level (1/57.12 after
+  normalisation, mean < 0.3 of that) because mmdet resizes the uint8 image with OpenCV;
+- evaluation and solver: VOC07 11-point AP equal to eval_map to float32 rounding (1e-6);
+  IoU exactly at the threshold counts as a match (eval_map's >=) in the mmdet convention,
+  not in the detectron2 one (devkit's >); lr equal at every iteration of the 24k and 1x
+  schedules; epoch length equal to mmdet's group sampler; SGD groups equal;
+- not matched: random sampling and data order (injected in the tests; their effect is seed
+  noise) and the VOC box frame of training. densebench trains and evaluates in the continuous
+  frame (x0 - 1, y0 - 1, x1, y1 of the XML), flipped exactly; mmdet trains on XML - 1 (inclusive
+  pixel indices, right/bottom edges 1 px inside ours), adds the 1 back in its legacy-coordinate
+  metric, and flips as w - x, which puts its flipped targets 1 px right of the mirrored object
+  (PROTOCOLS.md 6.3). Same metric on the same predictions; targets differ by <= 1 px.
 
 The rest is the training machinery of both protocols: the data pipeline (image + flip, masks),
 aspect-ratio grouped batches, the iteration loop with linear warm-up and step decay, AMP on GPU,
@@ -38,11 +56,12 @@ import torchvision
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection._utils import BoxCoder
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, FastRCNNPredictor
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
-from torchvision.models.detection.roi_heads import RoIHeads, maskrcnn_inference, maskrcnn_loss
+from torchvision.models.detection.roi_heads import RoIHeads, maskrcnn_inference
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign, roi_align
@@ -52,6 +71,7 @@ from tqdm import tqdm
 
 from densebench import distributed as dist_utils
 from densebench.data.image import load_image
+from densebench.errors import InputError
 from densebench.evaluate.backbone import IMAGENET_MEAN, IMAGENET_STD
 from densebench.io import torch_save_atomic
 
@@ -93,8 +113,119 @@ class AlignedRoIAlign(MultiScaleRoIAlign):
         return result
 
 
+class Float32BoxCoder(BoxCoder):
+    """Box decoding in float32. torchvision decodes in the deltas' dtype, i.e. float16 under AMP,
+    which holds image coordinates near 1000 only to 0.5 px; mmdet's configs run in float32."""
+
+    def decode(self, rel_codes, boxes):
+        return super().decode(rel_codes.float(), [b.float() for b in boxes])
+
+
+class ReferenceAnchorGenerator(AnchorGenerator):
+    """mmdet's AnchorGenerator: base anchors not rounded, each level at its fixed stride.
+
+    torchvision rounds the base anchors to integers and derives a level's stride as
+    padded size // grid size (61-63 instead of 64 for P6 when height / 32 is odd).
+    `anchor_strides` holds every anchor's stride after a forward (for mmdet's valid flags).
+    """
+
+    def __init__(self, sizes, aspect_ratios, strides: Sequence[int]):
+        self.strides = tuple(int(s) for s in strides)
+        super().__init__(sizes, aspect_ratios)
+        self.anchor_strides: Optional[torch.Tensor] = None
+
+    def generate_anchors(self, scales, aspect_ratios, dtype=torch.float32, device=torch.device("cpu")):
+        scales = torch.as_tensor(scales, dtype=dtype, device=device)
+        h_ratios = torch.sqrt(torch.as_tensor(aspect_ratios, dtype=dtype, device=device))
+        ws = (scales[None, :] / h_ratios[:, None]).reshape(-1)
+        hs = (scales[None, :] * h_ratios[:, None]).reshape(-1)
+        return torch.stack([-ws, -hs, ws, hs], dim=1) / 2
+
+    def forward(self, image_list, feature_maps: List[torch.Tensor]) -> List[torch.Tensor]:
+        grid_sizes = [feature_map.shape[-2:] for feature_map in feature_maps]
+        device = feature_maps[0].device
+        strides = [[torch.tensor(s, device=device), torch.tensor(s, device=device)] for s in self.strides]
+        self.set_cell_anchors(torch.float32, device)                         # float32 under AMP too
+        per_level = self.grid_anchors(grid_sizes, strides)
+        self.anchor_strides = torch.cat([torch.full((len(a),), float(s), device=device)
+                                         for a, s in zip(per_level, self.strides)])
+        anchors = torch.cat(per_level)
+        return [anchors for _ in image_list.image_sizes]
+
+
+def max_iou_assign(iou: torch.Tensor, pos_iou: float, neg_iou: float, min_pos_iou: float,
+                   low_quality: bool) -> torch.Tensor:
+    """mmdet's MaxIoUAssigner on an IoU matrix [num_gt, num_boxes]: -1 ignored, 0 negative, g + 1 GT g.
+
+    Negative below neg_iou, positive at or above pos_iou (to the box's best GT); with
+    `low_quality`, each GT whose best IoU is at least min_pos_iou also takes every box that
+    reaches that best IoU (later GTs win ties), even below pos_iou.
+    torchvision's Matcher gives such a box to its own best GT and has no minimum IoU.
+    """
+    assigned = torch.full((iou.shape[1],), -1, dtype=torch.long, device=iou.device)
+    if iou.shape[0] == 0:
+        return assigned.zero_()
+    max_iou, best_gt = iou.max(dim=0)
+    assigned[(max_iou >= 0) & (max_iou < neg_iou)] = 0
+    positive = max_iou >= pos_iou
+    assigned[positive] = best_gt[positive] + 1
+    if low_quality:
+        gt_max = iou.max(dim=1, keepdim=True).values
+        best_for = (iou == gt_max) & (gt_max >= min_pos_iou)                  # [num_gt, num_boxes]
+        gt_number = torch.arange(1, iou.shape[0] + 1, device=iou.device)[:, None]
+        last_gt = (best_for * gt_number).max(dim=0).values                    # the later GT wins, as mmdet's loop
+        assigned = torch.where(last_gt > 0, last_gt, assigned)
+    return assigned
+
+
 class L1RegionProposalNetwork(RegionProposalNetwork):
-    """torchvision's RPN with the specified L1 box loss (mean over the sampled anchors)."""
+    """torchvision's RPN with mmdet's training targets and the specified L1 box loss.
+
+    Anchors are assigned by `max_iou_assign` (min_pos_iou for the low-quality matches); only
+    mmdet's valid anchors take part: the anchor's location lies inside the image padded to 32
+    (not the batch padding) and, when `allowed_border` >= 0, the anchor lies inside the image
+    (within `allowed_border` pixels). Proposals keep every box of positive width and height
+    (mmdet min_bbox_size 0; torchvision drops those under 1e-3).
+    """
+
+    def __init__(self, *args, min_pos_iou: float = 0.3, allowed_border: int = -1, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.min_pos_iou = min_pos_iou
+        self.allowed_border = allowed_border
+        self.min_size = torch.finfo(torch.float32).tiny
+        self.box_coder = Float32BoxCoder(self.box_coder.weights)
+        self._image_sizes: List[Tuple[int, int]] = []
+
+    def forward(self, images, features, targets=None):
+        self._image_sizes = list(images.image_sizes)
+        return super().forward(images, features, targets)
+
+    def usable_anchors(self, anchors: torch.Tensor, image_size: Tuple[int, int]) -> torch.Tensor:
+        strides = self.anchor_generator.anchor_strides
+        height, width = image_size
+        pad_h, pad_w = math.ceil(height / 32) * 32, math.ceil(width / 32) * 32
+        centre_x = torch.round((anchors[:, 0] + anchors[:, 2]) / 2 / strides)
+        centre_y = torch.round((anchors[:, 1] + anchors[:, 3]) / 2 / strides)
+        usable = (centre_x < torch.ceil(pad_w / strides)) & (centre_y < torch.ceil(pad_h / strides))
+        if self.allowed_border >= 0:
+            border = self.allowed_border
+            usable &= ((anchors[:, 0] >= -border) & (anchors[:, 1] >= -border)
+                       & (anchors[:, 2] < width + border) & (anchors[:, 3] < height + border))
+        return usable
+
+    def assign_targets_to_anchors(self, anchors, targets):
+        labels, matched_gt_boxes = [], []
+        for anchors_i, target, size in zip(anchors, targets, self._image_sizes):
+            gt_boxes = target["boxes"]
+            assigned = max_iou_assign(self.box_similarity(gt_boxes, anchors_i), self.proposal_matcher.high_threshold,
+                                      self.proposal_matcher.low_threshold, self.min_pos_iou, low_quality=True)
+            assigned[~self.usable_anchors(anchors_i, size)] = -1
+            label = (assigned > 0).float()
+            label[assigned < 0] = -1.0
+            labels.append(label)
+            matched_gt_boxes.append(gt_boxes[(assigned - 1).clamp(min=0)] if len(gt_boxes)
+                                    else torch.zeros_like(anchors_i))
+        return labels, matched_gt_boxes
 
     def compute_loss(self, objectness, pred_bbox_deltas, labels, regression_targets):
         sampled_pos, sampled_neg = self.fg_bg_sampler(labels)
@@ -122,7 +253,36 @@ def fast_rcnn_l1_loss(class_logits, box_regression, labels, regression_targets):
 
 
 class DetectionRoIHeads(RoIHeads):
-    """torchvision RoIHeads (sampling, box coding, post-processing) with the L1 box loss; box + mask only."""
+    """torchvision RoIHeads (sampling, box coding) with mmdet's assignment, L1 box loss, mask
+    targets and test post-processing; box + mask only.
+
+    - RoIs are assigned by `max_iou_assign` (low-quality matches when `low_quality`, as the
+      Mask R-CNN config; the C4 config has none).
+    - Mask targets: the GT mask cropped by aligned RoIAlign and binarised at 0.5 (mmdet
+      BitmapMasks.crop_and_resize); torchvision uses unaligned RoIAlign and soft targets.
+    - Test: per-class boxes above the score threshold -> class-wise NMS -> top k, without
+      torchvision's extra removal of boxes under 0.01 px.
+    """
+
+    low_quality: bool = False
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.box_coder = Float32BoxCoder(self.box_coder.weights)
+
+    def assign_targets_to_proposals(self, proposals, gt_boxes, gt_labels):
+        matched_idxs, labels = [], []
+        for proposals_i, boxes_i, labels_i in zip(proposals, gt_boxes, gt_labels):
+            iou = torchvision.ops.box_iou(boxes_i, proposals_i)
+            assigned = max_iou_assign(iou, self.proposal_matcher.high_threshold, self.proposal_matcher.low_threshold,
+                                      self.proposal_matcher.high_threshold, self.low_quality)
+            matched = (assigned - 1).clamp(min=0)
+            label = labels_i[matched] if len(labels_i) else torch.zeros_like(matched)
+            label = torch.where(assigned > 0, label, torch.zeros_like(label))
+            label[assigned < 0] = -1
+            matched_idxs.append(matched)
+            labels.append(label)
+        return matched_idxs, labels
 
     def forward(self, features, proposals, image_shapes, targets=None):
         if self.training:
@@ -144,6 +304,24 @@ class DetectionRoIHeads(RoIHeads):
                 r["masks"] = probs
         return result, {}
 
+    def postprocess_detections(self, class_logits, box_regression, proposals, image_shapes):
+        num_classes = class_logits.shape[-1]
+        counts = [len(p) for p in proposals]
+        all_boxes = self.box_coder.decode(box_regression, proposals).split(counts)
+        all_scores = F.softmax(class_logits, -1).split(counts)
+        out_boxes, out_scores, out_labels = [], [], []
+        for boxes, scores, shape in zip(all_boxes, all_scores, image_shapes):
+            boxes = torchvision.ops.clip_boxes_to_image(boxes, shape)[:, 1:].reshape(-1, 4)
+            labels = torch.arange(1, num_classes, device=boxes.device).repeat(len(scores))
+            scores = scores[:, 1:].reshape(-1)
+            keep = torch.where(scores > self.score_thresh)[0]
+            keep = keep[torchvision.ops.batched_nms(boxes[keep], scores[keep], labels[keep], self.nms_thresh)]
+            keep = keep[: self.detections_per_img]
+            out_boxes.append(boxes[keep])
+            out_scores.append(scores[keep])
+            out_labels.append(labels[keep])
+        return out_boxes, out_scores, out_labels
+
     def _mask_loss(self, features, proposals, matched_idxs, labels, targets, image_shapes):
         positive_proposals, positive_matches = [], []
         for image_proposals, image_labels, image_matches in zip(proposals, labels, matched_idxs):
@@ -152,12 +330,36 @@ class DetectionRoIHeads(RoIHeads):
             positive_matches.append(image_matches[positive])
         mask_features = self.mask_roi_pool(features, positive_proposals, image_shapes)
         mask_logits = self.mask_predictor(self.mask_head(mask_features))
-        return maskrcnn_loss(mask_logits, positive_proposals, [t["masks"] for t in targets],
-                             [t["labels"] for t in targets], positive_matches)
+        return mask_loss(mask_logits, positive_proposals, [t["masks"] for t in targets],
+                         [t["labels"] for t in targets], positive_matches)
+
+
+def mask_targets(gt_masks: torch.Tensor, boxes: torch.Tensor, matched: torch.Tensor, size: int) -> torch.Tensor:
+    """Binary [n, size, size] targets: each box's GT mask through aligned RoIAlign, >= 0.5 (mmdet)."""
+    rois = torch.cat([matched[:, None].to(boxes.dtype), boxes], dim=1)
+    crops = roi_align(gt_masks[:, None].to(boxes.dtype), rois, (size, size), 1.0, 0, aligned=True)[:, 0]
+    return (crops >= 0.5).to(boxes.dtype)
+
+
+def mask_loss(mask_logits, proposals, gt_masks, gt_labels, matched_idxs):
+    """Mean binary cross-entropy of each positive RoI's own-class mask logits (mmdet mask_cross_entropy)."""
+    size = mask_logits.shape[-1]
+    labels = torch.cat([labels[idxs] for labels, idxs in zip(gt_labels, matched_idxs)])
+    targets = torch.cat([mask_targets(m, p, i, size) for m, p, i in zip(gt_masks, proposals, matched_idxs)])
+    if targets.numel() == 0:
+        return mask_logits.sum() * 0
+    logits = mask_logits[torch.arange(len(labels), device=labels.device), labels]
+    return F.binary_cross_entropy_with_logits(logits, targets)
 
 
 class DetectionTransform(GeneralizedRCNNTransform):
-    """ImageNet RGB mean/std on [0, 1] input, pad to 32; random train size from a list, fixed test size."""
+    """ImageNet RGB mean/std on [0, 1] input, pad to 32; random train size from a list, fixed test size.
+
+    Resizing and mask pasting follow mmdet 2.x (the reference): the new size is rounded
+    (int(side * scale + 0.5), mmcv.imrescale; torchvision floors), boxes are scaled per axis and
+    clipped to the image, masks resized nearest; at test time, masks are pasted into the
+    original image with grid_sample (mmdet `_do_paste_mask`), not torchvision's legacy paste.
+    """
 
     def __init__(self, train_min_sizes: Sequence[int], train_max_size: int, test_min_size: int, test_max_size: int):
         super().__init__(tuple(int(s) for s in train_min_sizes), int(train_max_size), list(IMAGENET_MEAN),
@@ -166,14 +368,56 @@ class DetectionTransform(GeneralizedRCNNTransform):
         self.test_max_size = int(test_max_size)
 
     def resize(self, image, target=None):
+        height, width = image.shape[-2:]
         if self.training:
-            return super().resize(image, target)
-        train_sizes = (self.min_size, self.max_size)
-        self.min_size, self.max_size = (self.test_min_size,), self.test_max_size
-        try:
-            return super().resize(image, target)
-        finally:
-            self.min_size, self.max_size = train_sizes
+            short, long = float(self.torch_choice(self.min_size)), self.max_size
+        else:
+            short, long = self.test_min_size, self.test_max_size
+        scale = min(short / min(height, width), long / max(height, width))
+        new_h, new_w = int(height * scale + 0.5), int(width * scale + 0.5)
+        image = F.interpolate(image[None], size=(new_h, new_w), mode="bilinear", align_corners=False)[0]
+        if target is None:
+            return image, target
+        target = dict(target)
+        boxes = target["boxes"] * torch.tensor([new_w / width, new_h / height] * 2, dtype=target["boxes"].dtype,
+                                               device=target["boxes"].device)
+        target["boxes"] = torchvision.ops.clip_boxes_to_image(boxes, (new_h, new_w))
+        if "masks" in target:
+            target["masks"] = F.interpolate(target["masks"][:, None].float(), size=(new_h, new_w),
+                                            mode="nearest")[:, 0].to(torch.uint8)
+            if bool(target.pop("flip_masks", False)):
+                target["masks"] = target["masks"].flip(-1)
+        return image, target
+
+    def postprocess(self, result, image_shapes, original_image_sizes):
+        if self.training:
+            return result
+        for prediction, size, original in zip(result, image_shapes, original_image_sizes):
+            ratios = torch.tensor([original[1] / size[1], original[0] / size[0]] * 2, dtype=torch.float32,
+                                  device=prediction["boxes"].device)
+            prediction["boxes"] = prediction["boxes"] * ratios
+            if "masks" in prediction:
+                prediction["masks"] = paste_masks(prediction["masks"], prediction["boxes"], original)
+        return result
+
+
+def paste_masks(masks: torch.Tensor, boxes: torch.Tensor, image_size: Tuple[int, int]) -> torch.Tensor:
+    """[n, 1, M, M] mask probabilities -> [n, 1, H, W]: each mask bilinearly resampled onto the
+    pixels of its box (pixel centres, grid_sample with align_corners=False), 0 elsewhere; as mmdet
+    2.x `_do_paste_mask` over the box +- 1 pixel."""
+    height, width = image_size
+    out = masks.new_zeros((len(masks), 1, height, width))
+    for i, (mask, box) in enumerate(zip(masks, boxes)):
+        x0, y0, x1, y1 = box.tolist()
+        left, top = max(math.floor(x0) - 1, 0), max(math.floor(y0) - 1, 0)
+        right, bottom = min(math.ceil(x1) + 1, width), min(math.ceil(y1) + 1, height)
+        if right <= left or bottom <= top:
+            continue
+        xs = (torch.arange(left, right, device=masks.device, dtype=torch.float32) + 0.5 - x0) / (x1 - x0) * 2 - 1
+        ys = (torch.arange(top, bottom, device=masks.device, dtype=torch.float32) + 0.5 - y0) / (y1 - y0) * 2 - 1
+        grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1)
+        out[i, :, top:bottom, left:right] = F.grid_sample(mask[None].float(), grid[None], align_corners=False)[0]
+    return out
 
 
 class Res5ExtraNormHead(nn.Module):
@@ -210,12 +454,29 @@ def init_box_predictor(predictor: FastRCNNPredictor) -> FastRCNNPredictor:
     return predictor
 
 
+@torch.no_grad()
+def init_like_mmdet(fpn: nn.Module, box_head: nn.Module, mask_predictor: MaskRCNNPredictor, num_classes: int) -> None:
+    """mmdet 2.x initialisation where torchvision's differs: FPN convs and the box head's fc are
+    Xavier-uniform with zero bias (torchvision: Kaiming-uniform a=1 / PyTorch's Linear default);
+    mask logits Kaiming-normal over fan_out = num_classes (torchvision counts the background too);
+    zero biases in the mask predictor (torchvision leaves PyTorch's default)."""
+    for module in list(fpn.modules()) + [m for m in box_head.modules() if isinstance(m, nn.Linear)]:
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+    nn.init.normal_(mask_predictor.mask_fcn_logits.weight, std=math.sqrt(2.0 / num_classes))
+    nn.init.zeros_(mask_predictor.mask_fcn_logits.bias)
+    nn.init.zeros_(mask_predictor.conv5_mask.bias)
+
+
 def _rpn(cfg, anchor_generator: AnchorGenerator, in_channels: int) -> L1RegionProposalNetwork:
     head = RPNHead(in_channels, anchor_generator.num_anchors_per_location()[0])
     return L1RegionProposalNetwork(
         anchor_generator, head, cfg.rpn_fg_iou, cfg.rpn_bg_iou, cfg.rpn_batch_per_image, cfg.rpn_positive_fraction,
         dict(training=cfg.rpn_pre_nms_train, testing=cfg.rpn_pre_nms_test),
-        dict(training=cfg.rpn_post_nms_train, testing=cfg.rpn_post_nms_test), cfg.rpn_nms, score_thresh=0.0)
+        dict(training=cfg.rpn_post_nms_train, testing=cfg.rpn_post_nms_test), cfg.rpn_nms, score_thresh=0.0,
+        min_pos_iou=cfg.rpn_min_pos_iou, allowed_border=cfg.rpn_allowed_border)
 
 
 def _transform(cfg) -> DetectionTransform:
@@ -239,12 +500,13 @@ def build_faster_rcnn_c4(resnet: nn.Module, num_classes: int, cfg) -> Generalize
     backbone = c4_backbone(resnet)
     stride = 16
     sizes = tuple(int(scale * stride) for scale in cfg.anchor_scales)
-    anchors = AnchorGenerator(sizes=(sizes,), aspect_ratios=(tuple(cfg.anchor_ratios),))
+    anchors = ReferenceAnchorGenerator(sizes=(sizes,), aspect_ratios=(tuple(cfg.anchor_ratios),), strides=(stride,))
     rpn = _rpn(cfg, anchors, backbone.out_channels)
     box_head = Res5ExtraNormHead(resnet.layer4)
     predictor = init_box_predictor(FastRCNNPredictor(box_head.out_channels, num_classes + 1))
     roi_pool = AlignedRoIAlign(["0"], output_size=cfg.roi_output_size, sampling_ratio=0)
     roi_heads = DetectionRoIHeads(roi_pool, box_head, predictor, **_roi_heads_kwargs(cfg))
+    roi_heads.low_quality = cfg.roi_low_quality
     return GeneralizedRCNN(backbone, rpn, roi_heads, _transform(cfg))
 
 
@@ -258,8 +520,8 @@ def build_mask_rcnn_fpn(resnet: nn.Module, num_classes: int, cfg) -> Generalized
                                in_channels, cfg.fpn_channels, extra_blocks=LastLevelMaxPool(),
                                norm_layer=nn.BatchNorm2d)
     strides = (4, 8, 16, 32, 64)
-    anchors = AnchorGenerator(sizes=tuple((int(cfg.anchor_scale * s),) for s in strides),
-                              aspect_ratios=(tuple(cfg.anchor_ratios),) * len(strides))
+    anchors = ReferenceAnchorGenerator(sizes=tuple((int(cfg.anchor_scale * s),) for s in strides),
+                                       aspect_ratios=(tuple(cfg.anchor_ratios),) * len(strides), strides=strides)
     rpn = _rpn(cfg, anchors, backbone.out_channels)
     levels = ["0", "1", "2", "3"]
     box_pool = AlignedRoIAlign(levels, output_size=cfg.box_roi_size, sampling_ratio=0)
@@ -271,8 +533,10 @@ def build_mask_rcnn_fpn(resnet: nn.Module, num_classes: int, cfg) -> Generalized
     mask_head = MaskRCNNHeads(backbone.out_channels, [cfg.head_channels] * cfg.mask_head_convs, 1,
                               norm_layer=nn.BatchNorm2d)
     mask_predictor = MaskRCNNPredictor(cfg.head_channels, cfg.head_channels, num_classes + 1)
+    init_like_mmdet(backbone.fpn, box_head, mask_predictor, num_classes)
     roi_heads = DetectionRoIHeads(box_pool, box_head, predictor, mask_roi_pool=mask_pool, mask_head=mask_head,
                                   mask_predictor=mask_predictor, **_roi_heads_kwargs(cfg))
+    roi_heads.low_quality = cfg.roi_low_quality
     return GeneralizedRCNN(backbone, rpn, roi_heads, _transform(cfg))
 
 
@@ -336,7 +600,7 @@ class DetectionDataset(Dataset):
     """Images as float [0, 1] RGB tensors + torchvision targets (labels 1..C, 0 is background).
 
     Training flips horizontally with probability `flip_prob`; resizing and normalisation happen
-    in the model's DetectionTransform. Masks (when `mask_fn` is given) are rasterised at the
+    in the model's DetectionTransform (which flips the masks after resizing them, see there). Masks (when `mask_fn` is given) are rasterised at the
     image's size by `mask_fn(segmentation, height, width)`.
     """
 
@@ -367,8 +631,8 @@ class DetectionDataset(Dataset):
         if self.flip_prob > 0 and torch.rand(()) < self.flip_prob:
             image = image.flip(-1)
             target["boxes"] = torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], dim=1)
-            if "masks" in target:
-                target["masks"] = target["masks"].flip(-1)
+            if "masks" in target:                   # flipped after the nearest resize, as mmdet (they do not commute)
+                target["flip_masks"] = torch.tensor(True)
         return image, target, index
 
 
@@ -462,6 +726,18 @@ def scaled_schedule(base_lr: float, max_iter: int, steps: Sequence[int], warmup_
                     steps=[round(s / scale) for s in steps], warmup_iters=round(warmup_iters / scale),
                     warmup_factor=warmup_factor, images_per_step=images_per_step,
                     reference_images_per_step=reference_images_per_step, scale=scale)
+
+
+def images_per_gpu_for(images_per_step: int, images_per_gpu: int, world_size: int, option: str) -> int:
+    """Per-GPU batch. 0 (default) keeps the reference total batch at any GPU count (mmdet ran 16
+    images per step with SyncBN over all of them): images_per_step / world size, which must divide.
+    A positive value is the user's explicit choice; the schedule is then scaled linearly."""
+    if images_per_gpu > 0:
+        return images_per_gpu
+    if images_per_step % world_size:
+        raise InputError(None, f"{option}.images_per_step={images_per_step} is not divisible by the "
+                               f"{world_size} processes; set {option}.images_per_gpu to scale the schedule instead")
+    return images_per_step // world_size
 
 
 def parameter_groups(model: nn.Module, weight_decay: float, weight_decay_norm: Optional[float]) -> List[dict]:

@@ -3,7 +3,8 @@
 PROTOCOLS.md 6.1 ("Metric (AP50)") and 6.2 ("Metrics"), 12.9:
 - per class, detections of all test images are sorted by score; each detection is matched to
   the ground-truth box of its class in its image with the highest IoU; if that IoU is above
-  the threshold (strictly, as the VOC devkit and detectron2 do) and the box is difficult, the
+  the threshold (strictly, as the VOC devkit and detectron2 do; `inclusive=True`: at or above,
+  as mmdet's `eval_map` does) and the box is difficult, the
   detection is neither a true nor a false positive; if the box is not difficult and not yet
   taken it is a true positive, else a false positive; below the threshold it is a false positive;
 - AP is the VOC07 11-point interpolation: the mean over t in {0, 0.1, ..., 1} of the highest
@@ -69,7 +70,7 @@ def voc07_11point_ap(recall: np.ndarray, precision: np.ndarray) -> float:
 
 def match_class(gt_boxes: Dict[int, np.ndarray], gt_difficult: Dict[int, np.ndarray],
                 det_images: np.ndarray, det_scores: np.ndarray, det_boxes: np.ndarray,
-                iou_threshold: float, pixel_offset: float = 0.0):
+                iou_threshold: float, pixel_offset: float = 0.0, inclusive: bool = False):
     """True/false positive flags of one class's detections, in descending-score order.
 
     Returns (tp, fp) float arrays; a detection matched to a difficult box has 0 in both.
@@ -86,7 +87,7 @@ def match_class(gt_boxes: Dict[int, np.ndarray], gt_difficult: Dict[int, np.ndar
             continue
         ious = box_iou(boxes, det_boxes[index], pixel_offset)
         best = int(np.argmax(ious))
-        if ious[best] > iou_threshold:
+        if ious[best] > iou_threshold or (inclusive and ious[best] == iou_threshold):
             if gt_difficult[image][best]:
                 continue
             if not taken[image][best]:
@@ -150,7 +151,7 @@ class VOCDetectionResult:
 
 def evaluate_voc_detection(ground_truth: Sequence[dict], detections: Sequence[dict], class_names: Sequence[str],
                            iou_thresholds: Sequence[float] = IOU_THRESHOLDS,
-                           pixel_offset: float = 0.0) -> VOCDetectionResult:
+                           pixel_offset: float = 0.0, inclusive: bool = False) -> VOCDetectionResult:
     """VOC07 11-point AP of `detections` against `ground_truth`, one entry per test image each.
 
     ground_truth[i]: {"boxes": [n,4], "labels": [n] in 0..C-1, "difficult": [n] bool}
@@ -181,7 +182,8 @@ def evaluate_voc_detection(ground_truth: Sequence[dict], detections: Sequence[di
         det_scores = np.concatenate(scores) if scores else np.zeros(0)
         det_boxes = np.concatenate(boxes) if boxes else np.zeros((0, 4))
         for t, threshold in enumerate(iou_thresholds):
-            tp, fp = match_class(gt_boxes, gt_difficult, det_images, det_scores, det_boxes, threshold, pixel_offset)
+            tp, fp = match_class(gt_boxes, gt_difficult, det_images, det_scores, det_boxes, threshold, pixel_offset,
+                                    inclusive)
             ap[t, c] = 100.0 * class_ap(tp, fp, int(num_positives[c]))
     has_gt = num_positives > 0
     maps = [float(ap[t, has_gt].mean()) if has_gt.any() else 0.0 for t in range(len(iou_thresholds))]
