@@ -54,7 +54,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--nodes", type=int, default=1)
     parser.add_argument("--partition", default=None)
     parser.add_argument("--timeout-min", type=int, default=4320)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", default="0", help="evaluation seeds, comma-separated (one record each)")
     args = parser.parse_args(argv)
     try:
         import submitit  # noqa: F401
@@ -77,7 +77,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if dependency:
         ev.update_parameters(slurm_additional_parameters={"dependency": f"afterok:{dependency}"})
     job = ev.submit(DensebenchTask(["evaluate", checkpoint, "--data-root", args.data_root, "--preset", "paper",
-                                    "--out", str(out), "--seed", str(args.seed),
+                                    "--out", str(out), "--seeds", args.seeds,
                                     "--name", args.name or Path(checkpoint).stem]))
     print(f"submitted evaluation: job {job.job_id}")
     rep = executor(logs, args, 0, 1, "densebench-report")

@@ -55,8 +55,10 @@ def test_pretrain_evaluate_report_chain(fake_submitit, tmp_path):
 
 
 def test_given_checkpoint_skips_pretraining(fake_submitit, tmp_path):
-    assert slurm.main(["--data-root", "d", "--out", str(tmp_path), "--checkpoint", "ck.pth"]) == 0
+    assert slurm.main(["--data-root", "d", "--out", str(tmp_path), "--checkpoint", "ck.pth", "--seeds", "0,1,2"]) == 0
     assert [task.argv[0] for _, task in FakeExecutor.submitted] == ["evaluate", "report"]
+    argv = FakeExecutor.submitted[0][1].argv
+    assert argv[argv.index("--seeds") + 1] == "0,1,2"
     assert "slurm_additional_parameters" not in FakeExecutor.submitted[0][0]
 
 
