@@ -280,8 +280,9 @@ def orientation_histograms(paths, bins=8):
 
 
 def test_imagenet_labels_need_shape_not_colour(synth_root):
-    """Nearest class mean: colour histograms stay near chance (10%), since objects take random
-    colours; edge-orientation histograms (shape and texture) beat chance; shuffled labels do not."""
+    """Nearest class mean: colour histograms stay far from solving it, since objects take random
+    colours half of the time; edge-orientation histograms (shape and texture) beat chance (10%)
+    by far; shuffled labels do not."""
     from densebench.data.imagenet import read_imagenet
 
     train = read_imagenet(layout.imagenet_root(synth_root), "train")
@@ -294,8 +295,8 @@ def test_imagenet_labels_need_shape_not_colour(synth_root):
         predicted = ((x_val[:, None] - means[None]) ** 2).sum(-1).argmin(1)
         return (predicted == y_val).mean()
 
-    assert ncm_accuracy(colour_histograms, y_train) < 0.25
-    assert ncm_accuracy(orientation_histograms, y_train) >= 0.25
+    assert ncm_accuracy(colour_histograms, y_train) < 0.4            # 0.78 with class colours only
+    assert ncm_accuracy(orientation_histograms, y_train) >= 0.3
     shuffled = np.random.default_rng(0).permutation(y_train)
     assert ncm_accuracy(orientation_histograms, shuffled) < 0.2
 
