@@ -6,10 +6,13 @@
 #       needed, writes the synthetic benchmark, pre-trains DenseCL (ResNet-18, tiny preset),
 #       evaluates the DenseCL checkpoint and a random-init baseline on all 11 protocols and
 #       writes results/report.md and results/zoo.md. About 10-15 minutes on 2 CPU cores.
+#       Every protocol runs once per evaluation seed (--seeds, default 0,1,2 here); the report
+#       shows mean ± std over them.
 #
 #   ./run_all.sh --preset paper --data-root DIR [--checkpoint CKPT] [--gpus N]
 #                [--nodes N --node-rank R --master-addr HOST --master-port PORT]
 #                [--slurm [--partition P] [--timeout-min M]] [--out DIR] [--name NAME]
+#                [--seeds S1,S2,...]   (evaluation seeds; default: --seed, i.e. one trial)
 #       The real thing through torchrun (pre-training is skipped when --checkpoint is given);
 #       --slurm submits the same steps as SLURM jobs with submitit.
 set -euo pipefail
@@ -17,7 +20,7 @@ cd "$(dirname "$0")"
 
 preset=tiny; data_root=""; checkpoint=""; gpus=1; nodes=1; node_rank=0
 master_addr=127.0.0.1; master_port=29500; slurm=0; partition=""; timeout_min=4320
-out=results; name=""; seed=0
+out=results; name=""; seed=0; seeds=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --preset) preset="$2"; shift 2;;
@@ -34,6 +37,7 @@ while [ $# -gt 0 ]; do
     --out) out="$2"; shift 2;;
     --name) name="$2"; shift 2;;
     --seed) seed="$2"; shift 2;;
+    --seeds) seeds="$2"; shift 2;;
     -h|--help) sed -n '2,17p' "$0"; exit 0;;
     *) echo "run_all.sh: unknown argument $1 (see --help)" >&2; exit 2;;
   esac
@@ -44,6 +48,7 @@ start=$(date +%s)
 step() { echo; echo "=== [$(( $(date +%s) - start ))s] $*"; }
 
 if [ "$preset" = tiny ]; then
+  seeds="${seeds:-0,1,2}"
   data_root="${data_root:-$out/data}"
   if [ ! -f "$data_root/.densebench-synth-complete" ]; then
     step "1/6 writing the tiny synthetic benchmark to $data_root"
@@ -62,9 +67,9 @@ if [ "$preset" = tiny ]; then
   baseline="$out/checkpoints/random_init_resnet18.pth"
   [ -f "$baseline" ] || python -m densebench.evaluate.random_init --arch resnet18 --seed "$seed" --out "$baseline"
   step "4/6 evaluating the DenseCL checkpoint on every protocol"
-  densebench evaluate "$checkpoint" --data-root "$data_root" --preset tiny --out "$out" --name "${name:-densecl_tiny}" --seed "$seed"
+  densebench evaluate "$checkpoint" --data-root "$data_root" --preset tiny --out "$out" --name "${name:-densecl_tiny}" --seeds "$seeds"
   step "5/6 evaluating the random-init baseline on every protocol"
-  densebench evaluate "$baseline" --data-root "$data_root" --preset tiny --out "$out" --name random_init --seed "$seed"
+  densebench evaluate "$baseline" --data-root "$data_root" --preset tiny --out "$out" --name random_init --seeds "$seeds"
   step "6/6 writing the reports"
   densebench report "$out"
   densebench report "$out" --zoo
@@ -74,9 +79,10 @@ fi
 
 if [ "$preset" != paper ]; then echo "run_all.sh: --preset must be tiny or paper" >&2; exit 2; fi
 if [ -z "$data_root" ]; then echo "run_all.sh: --preset paper needs --data-root DIR" >&2; exit 2; fi
+seeds="${seeds:-$seed}"
 
 if [ "$slurm" = 1 ]; then
-  args=(--data-root "$data_root" --out "$out" --gpus "$gpus" --nodes "$nodes" --timeout-min "$timeout_min" --seed "$seed")
+  args=(--data-root "$data_root" --out "$out" --gpus "$gpus" --nodes "$nodes" --timeout-min "$timeout_min" --seeds "$seeds")
   [ -n "$checkpoint" ] && args+=(--checkpoint "$checkpoint")
   [ -n "$partition" ] && args+=(--partition "$partition")
   [ -n "$name" ] && args+=(--name "$name")
@@ -96,7 +102,7 @@ if [ -z "$checkpoint" ]; then
 fi
 step "evaluating $checkpoint on every protocol (paper preset)"
 "${launch[@]}" evaluate "$checkpoint" --data-root "$data_root" --preset paper --out "$out" \
-  --name "${name:-$(basename "$checkpoint" .pth)}" --seed "$seed"
+  --name "${name:-$(basename "$checkpoint" .pth)}" --seeds "$seeds"
 if [ "$node_rank" = 0 ]; then
   step "writing the reports"
   densebench report "$out"

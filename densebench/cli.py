@@ -85,6 +85,17 @@ def check_output(path: Optional[str], option: str, kind: str) -> None:
         raise InputError(target, f"{option} cannot be created: {parent} is a file")
 
 
+def seed_list(text: str) -> List[int]:
+    """`--seeds 0,1,2` -> [0, 1, 2]: distinct seeds in numpy's range, in the order given."""
+    try:
+        values = [SEED(part.strip()) for part in text.split(",") if part.strip()]
+    except argparse.ArgumentTypeError as error:
+        raise argparse.ArgumentTypeError(f"in {text!r}: {error}") from None
+    if not values or len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"expected distinct comma-separated integers, got {text!r}")
+    return values
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="densebench", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -133,7 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", default="results")
     ev.add_argument("--name", default=None, help="display name of the checkpoint in reports")
     ev.add_argument("--force", action="store_true", help="recompute cells that already have a record")
-    ev.add_argument("--seed", type=SEED, default=0)
+    seeds = ev.add_mutually_exclusive_group()
+    seeds.add_argument("--seed", type=SEED, default=0, help="one evaluation seed (default 0)")
+    seeds.add_argument("--seeds", type=seed_list, default=None, metavar="S1,S2,...",
+                       help="run every protocol once per seed, one record each (e.g. 0,1,2)")
     ev.add_argument("--save-features", default=None, metavar="DIR")
     ev.add_argument("--arch", default=None)
     ev.add_argument("--set", action="append", default=[], metavar="PROTOCOL.KEY=VALUE",

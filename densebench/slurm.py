@@ -44,7 +44,7 @@ def executor(folder: Path, args, gpus: int, nodes: int, name: str):
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from densebench.cli import SEED, OneLineParser, bounded_int
+    from densebench.cli import OneLineParser, bounded_int, seed_list
 
     parser = OneLineParser(prog="python -m densebench.slurm", description=__doc__.splitlines()[0])
     parser.add_argument("--data-root", required=True)
@@ -55,7 +55,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--nodes", type=bounded_int(1), default=1)
     parser.add_argument("--partition", default=None)
     parser.add_argument("--timeout-min", type=bounded_int(1), default=4320)
-    parser.add_argument("--seed", type=SEED, default=0)   # checked here, not after the job is queued
+    # checked here, not after the job is queued
+    parser.add_argument("--seeds", type=seed_list, default=[0], help="evaluation seeds, comma-separated (one record each)")
     args = parser.parse_args(argv)
     try:
         import submitit  # noqa: F401
@@ -78,7 +79,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if dependency:
         ev.update_parameters(slurm_additional_parameters={"dependency": f"afterok:{dependency}"})
     job = ev.submit(DensebenchTask(["evaluate", checkpoint, "--data-root", args.data_root, "--preset", "paper",
-                                    "--out", str(out), "--seed", str(args.seed),
+                                    "--out", str(out), "--seeds", ",".join(map(str, args.seeds)),
                                     "--name", args.name or Path(checkpoint).stem]))
     print(f"submitted evaluation: job {job.job_id}")
     rep = executor(logs, args, 0, 1, "densebench-report")

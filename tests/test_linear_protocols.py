@@ -56,7 +56,9 @@ def test_imagenet_probes_beat_chance(name, synth_root, resnet18_checkpoint, tmp_
     classes, heads = CASES[name]
     cfg, output = run_tiny(name, resnet18_checkpoint, synth_root, tmp_path)
     best, chance = check_output(output, cfg, classes, heads)
-    assert best >= 3 * chance, output.metrics
+    # random init must learn something but not saturate (issue 19: objects are recoloured at
+    # random half of the time, so colour, which random features see, no longer gives the class)
+    assert chance + 5 <= best < 90, output.metrics
     assert (tmp_path / lp.STATE_FILE).is_file()
     if name == "linear_imagenet_mhead":
         assert output.extra["head_dims"] == {"feat1": 9216, "feat2": 2304, "feat3": 2048, "feat4": 2304, "feat5": 2048}
@@ -68,8 +70,9 @@ def test_places_and_inat_probes_beat_chance(name, synth_root, resnet18_checkpoin
     classes, heads = CASES[name]
     cfg, output = run_tiny(name, resnet18_checkpoint, synth_root, tmp_path)
     best, chance = check_output(output, cfg, classes, heads)
-    # Places labels are background kind + palette (weak for random features); iNat is object-dominated
-    assert best >= (1.5 if name == "linear_places205_mhead" else 3) * chance, output.metrics
+    # Places labels are background kind + palette (weak for random features); iNat is the
+    # dominant object, recoloured at random half of the time (issue 19)
+    assert chance + 5 <= best < 90, output.metrics
 
 
 def test_fast_mode_trains_on_cached_features_and_says_so(synth_root, resnet18_checkpoint, tmp_path):

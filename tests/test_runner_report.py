@@ -12,6 +12,8 @@ import types
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torchvision
@@ -29,16 +31,17 @@ class FakeConfig:
     steps: tuple = (30, 60)
 
 
-def make_fake_module(name: str, calls: list, explode_on: set):
+def make_fake_module(name: str, calls: list, explode_on: set, seeded_calls: list):
     module = types.ModuleType(f"densebench.protocols.{name}")
     module.NAME = name
     module.Config = FakeConfig
 
     def run(ctx, cfg):
-        if name in explode_on:
+        if name in explode_on or (name, ctx.seed) in explode_on:
             raise KeyboardInterrupt("simulated kill")
         calls.append(name)
-        value = 50.0 + 10.0 * cfg.alpha + ctx.seed
+        seeded_calls.append((name, ctx.seed))
+        value = 50.0 + 10.0 * cfg.alpha + 0.37 * ctx.seed ** 2
         metrics = {"svm_voc07": {"feat5": {"mAP": value}},
                    "knn_imagenet": {f"k{k}": {"top1": value, "top5": value} for k in (10, 20, 100, 200)},
                    "seg_voc12aug_fcn": {"mIoU": value, "aAcc": value}}[name]
@@ -55,10 +58,12 @@ def make_fake_module(name: str, calls: list, explode_on: set):
 def fakes(monkeypatch):
     calls: list = []
     explode: set = set()
+    seeded_calls: list = []
     for name in FAKE_PROTOCOLS:
-        monkeypatch.setitem(sys.modules, f"densebench.protocols.{name}", make_fake_module(name, calls, explode))
+        module = make_fake_module(name, calls, explode, seeded_calls)
+        monkeypatch.setitem(sys.modules, f"densebench.protocols.{name}", module)
     monkeypatch.setattr(runner, "check_data", lambda cells, data_root, skip_absent: None)
-    return calls, explode
+    return calls, explode, seeded_calls
 
 
 @pytest.fixture
@@ -78,7 +83,7 @@ def evaluate(checkpoint, tmp_path, *extra):
 
 
 def test_interrupted_evaluate_redoes_only_unfinished_cells(fakes, checkpoint, tmp_path):
-    calls, explode = fakes
+    calls, explode, _ = fakes
     explode.add("knn_imagenet")
     with pytest.raises(KeyboardInterrupt):
         evaluate(checkpoint, tmp_path)
@@ -207,3 +212,83 @@ def test_plan_estimates_cost_from_earlier_records(fakes, checkpoint, tmp_path, c
     assert evaluate(checkpoint, tmp_path, "--seed", "1") == 0
     second = capsys.readouterr().out
     assert "(median of 1 earlier run(s))" in second
+
+
+# ---------------------------------------------------------------- several seeds per cell
+def record_values(res: Path, protocol: str, metric: str) -> dict:
+    """{seed: value} read straight from the JSON files, not through the report code."""
+    out = {}
+    for path in sorted((res / "records").glob(f"{protocol}__*.json")):
+        record = json.loads(path.read_text())
+        node = record["metrics"]
+        for part in metric.split("."):
+            node = node[part]
+        out[record["seed"]] = node
+    return out
+
+
+def test_seeds_and_seed_are_exclusive_and_checked(fakes, checkpoint, tmp_path, capsys):
+    for bad in (["--seed", "1", "--seeds", "0,1"], ["--seeds", "0,x"], ["--seeds", "1,1"]):
+        with pytest.raises(SystemExit) as exc:
+            evaluate(checkpoint, tmp_path, *bad)
+        assert exc.value.code == 2
+    assert "--seeds" in capsys.readouterr().err
+    assert not (tmp_path / "res").exists()
+
+
+def test_multi_seed_run_writes_one_record_per_seed_and_resumes_only_missing_cells(fakes, checkpoint, tmp_path):
+    calls, explode, seeded = fakes
+    explode.add(("knn_imagenet", 1))
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(checkpoint, tmp_path, "--seeds", "0,1,2")
+    assert seeded == [(p, 0) for p in FAKE_PROTOCOLS] + [("svm_voc07", 1)]
+    explode.clear()
+    seeded.clear()
+    assert evaluate(checkpoint, tmp_path, "--seeds", "0,1,2") == 0
+    assert seeded == [("knn_imagenet", 1), ("seg_voc12aug_fcn", 1)] + [(p, 2) for p in FAKE_PROTOCOLS]
+    records = store.load_records(tmp_path / "res")
+    assert sorted((r["protocol"], r["seed"]) for r in records) == sorted(
+        (p, s) for p in FAKE_PROTOCOLS for s in (0, 1, 2))
+    assert all(r["key"].endswith(f"__seed{r['seed']}") for r in records)
+    seeded.clear()
+    assert evaluate(checkpoint, tmp_path, "--seeds", "2,0") == 0 and seeded == []
+    assert evaluate(checkpoint, tmp_path, "--seed", "1") == 0 and seeded == []    # --seed N still works
+
+
+def test_report_shows_mean_std_n_missing_seeds_and_delta_of_the_mean(fakes, checkpoint, tmp_path):
+    assert evaluate(checkpoint, tmp_path, "--seeds", "0,1,2") == 0
+    res = tmp_path / "res"
+    next((res / "records").glob("knn_imagenet__*seed2.json")).unlink()     # knn lacks seed 2
+    text = report.write_report(res).read_text()
+
+    svm = np.array(list(record_values(res, "svm_voc07", "feat5.mAP").values()))
+    mean, std = svm.mean(), svm.std(ddof=1)
+    assert f"{mean:.2f} ± {std:.2f} (n=3) ({mean - 82.5:+.2f})" in text     # published VOC07 SVM: 82.5
+    knn = np.array(list(record_values(res, "knn_imagenet", "k20.top1").values()))
+    assert len(knn) == 2
+    assert f"{knn.mean():.2f} ± {knn.std(ddof=1):.2f} (n=2) [missing seed 2] ({knn.mean() - 48.5:+.2f})" in text
+    assert "ddof=1" in text
+
+    csv = pd.read_csv(res / "report_files" / "voc07_svm.csv", dtype={"seed": str})
+    ours = csv[csv["checkpoint"] == "ckpt"].set_index("seed")["SVM"]
+    assert [ours[str(s)] for s in (0, 1, 2)] == pytest.approx(list(svm), abs=1e-4)
+    assert ours["mean"] == pytest.approx(mean, abs=1e-4) and ours["std"] == pytest.approx(std, abs=1e-4)
+    assert ours["n"] == 3
+    zoo = pd.read_csv(report.write_report(res, zoo=True).parent / "zoo_files" / "zoo.csv", dtype={"seed": str})
+    knn_col = zoo[zoo["checkpoint"] == "ckpt"].set_index("seed")["kNN k=20"]
+    assert knn_col["n"] == 2 and np.isnan(knn_col["2"]) and knn_col["std"] == pytest.approx(knn.std(ddof=1), abs=1e-4)
+
+    first = report.write_report(res).read_bytes()
+    first_csv = (res / "report_files" / "imagenet_knn.csv").read_bytes()
+    assert report.write_report(res).read_bytes() == first
+    assert (res / "report_files" / "imagenet_knn.csv").read_bytes() == first_csv
+
+
+def test_per_class_bars_average_over_seeds(fakes, checkpoint, tmp_path):
+    assert evaluate(checkpoint, tmp_path, "--seeds", "0,3") == 0
+    row = report.build_rows(store.load_records(tmp_path / "res"))[0]
+    stats = report.per_class_stats(row.records["svm_voc07"])
+    values = np.array([[v, v / 2] for v in record_values(tmp_path / "res", "svm_voc07", "feat5.mAP").values()])
+    assert stats["cat"] == pytest.approx((values[:, 0].mean(), values[:, 0].std(ddof=1)))
+    assert stats["dog"] == pytest.approx((values[:, 1].mean(), values[:, 1].std(ddof=1)))
+    assert "svm_voc07_per_class.png" in report.write_report(tmp_path / "res").read_text()

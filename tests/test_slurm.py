@@ -55,8 +55,10 @@ def test_pretrain_evaluate_report_chain(fake_submitit, tmp_path):
 
 
 def test_given_checkpoint_skips_pretraining(fake_submitit, tmp_path):
-    assert slurm.main(["--data-root", "d", "--out", str(tmp_path), "--checkpoint", "ck.pth"]) == 0
+    assert slurm.main(["--data-root", "d", "--out", str(tmp_path), "--checkpoint", "ck.pth", "--seeds", "0,1,2"]) == 0
     assert [task.argv[0] for _, task in FakeExecutor.submitted] == ["evaluate", "report"]
+    argv = FakeExecutor.submitted[0][1].argv
+    assert argv[argv.index("--seeds") + 1] == "0,1,2"
     assert "slurm_additional_parameters" not in FakeExecutor.submitted[0][0]
 
 
@@ -72,7 +74,7 @@ def test_task_sets_the_torchrun_environment(fake_submitit, monkeypatch):
     assert env["MASTER_PORT"] == "29511" and seen["argv"] == ["report", "x"]
 
 
-@pytest.mark.parametrize("option,value", [("--seed", "-1"), ("--seed", str(2 ** 32)), ("--gpus", "0")])
+@pytest.mark.parametrize("option,value", [("--seeds", "-1"), ("--seeds", f"0,{2 ** 32}"), ("--seeds", "1,1"), ("--gpus", "0")])
 def test_bad_numbers_stop_before_a_job_is_queued(option, value, capsys):
     with pytest.raises(SystemExit) as exc:
         slurm.main(["--data-root", "d", option, value])

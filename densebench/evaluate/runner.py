@@ -1,11 +1,12 @@
 """`densebench evaluate`: run a list of protocols on one checkpoint, one record per cell.
 
-A cell is (checkpoint, protocol, config, seed). Cells whose record already exists are
-skipped unless --force, so an interrupted run continues where it stopped. Before any work,
-the data of every cell to run is checked (`densebench data check`): malformed data is an
-error, and so is absent data for a protocol asked for by name; only under `--protocols all`
-is a protocol whose dataset folder is absent skipped, with the reason. Feature-based protocols
-run first so that they share the feature cache.
+A cell is (checkpoint, protocol, config, seed); `--seeds 0,1,2` plans one cell per protocol and
+seed (the repeated trials the reference detection and segmentation numbers average). Cells whose
+record already exists are skipped unless --force, so an interrupted run continues where it
+stopped. Before any work, the data of every cell to run is checked (`densebench data check`):
+malformed data is an error, and so is absent data for a protocol asked for by name; only under
+`--protocols all` is a protocol whose dataset folder is absent skipped, with the reason.
+Feature-based protocols run first so that they share the feature cache.
 """
 from __future__ import annotations
 
@@ -48,6 +49,7 @@ class Cell:
     config: Any
     preset_label: str
     key: str
+    seed: int
     missing_data: List[str] = field(default_factory=list)
     done: bool = False
 
@@ -138,14 +140,21 @@ def build_configs(args, protocols: List[str]) -> Dict[str, Tuple[Any, str]]:
     return {name: make_config(protocol_module(name).Config, name, args.preset, overrides[name]) for name in protocols}
 
 
+def evaluation_seeds(args) -> List[int]:
+    return list(args.seeds) if getattr(args, "seeds", None) else [args.seed]
+
+
 def plan_cells(args, configs: Dict[str, Tuple[Any, str]], info: CheckpointInfo, results_dir: Path,
                data_root: Path) -> List[Cell]:
+    """Seed-major order: every protocol under the first seed, then the next seed, so an
+    interrupted multi-seed run already holds complete tables for its first seeds."""
     cells = []
-    for name, (cfg, label) in configs.items():
-        key = record_key(name, info.sha256, config_hash(config_dict(cfg)), args.seed)
-        cell = Cell(name, protocol_module(name), cfg, label, key)
-        cell.done = record_path(results_dir, key).is_file() and not args.force
-        cells.append(cell)
+    for seed in evaluation_seeds(args):
+        for name, (cfg, label) in configs.items():
+            key = record_key(name, info.sha256, config_hash(config_dict(cfg)), seed)
+            cell = Cell(name, protocol_module(name), cfg, label, key, seed)
+            cell.done = record_path(results_dir, key).is_file() and not args.force
+            cells.append(cell)
     check_data(cells, data_root, skip_absent=args.protocols.strip() in ("", "all"))
     return cells
 
@@ -154,6 +163,7 @@ def print_plan(cells: List[Cell], info: CheckpointInfo, results_dir: Path, prese
     print(f"checkpoint: {info.path} ({info.format}, {info.arch}, sha256 {info.sha256[:12]})")
     print(f"results:    {results_dir}")
     width = max(len(c.protocol) for c in cells)
+    several_seeds = len({c.seed for c in cells}) > 1
     earlier = load_records(results_dir) if (results_dir / "records").is_dir() else []
     for cell in cells:
         if cell.done:
@@ -162,7 +172,8 @@ def print_plan(cells: List[Cell], info: CheckpointInfo, results_dir: Path, prese
             status = "skip: " + "; ".join(cell.missing_data)
         else:
             status = f"run [{cell.preset_label}] est. {estimate(earlier, cell.protocol, preset)}"
-        print(f"  {cell.protocol:<{width}}  {status}")
+        seed = f"  seed {cell.seed}" if several_seeds else ""
+        print(f"  {cell.protocol:<{width}}{seed}  {status}")
 
 
 def default_workers(device: torch.device) -> int:
@@ -207,18 +218,18 @@ def run_cell(cell: Cell, args, info: CheckpointInfo, results_dir: Path, data_roo
     ctx = RunContext(
         checkpoint=Path(args.ckpt), data_root=data_root,
         work_dir=results_dir / "work" / cell.key, cache_dir=results_dir / "cache" / "features",
-        seed=args.seed, device=device, arch=args.arch, allow_unsafe_pickle=args.allow_unsafe_pickle,
+        seed=cell.seed, device=device, arch=args.arch, allow_unsafe_pickle=args.allow_unsafe_pickle,
         save_features_dir=Path(args.save_features) if args.save_features else None,
         num_workers=args.workers if args.workers is not None else default_workers(device),
     )
     ctx.work_dir.mkdir(parents=True, exist_ok=True)
-    seed_everything(args.seed)
+    seed_everything(cell.seed)
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     tic = time.perf_counter()
     output = cell.module.run(ctx, cell.config)
     wall = time.perf_counter() - tic
     name = args.name or Path(args.ckpt).stem
-    record = build_record(cell, info, name, output, args.seed, device, wall, started)
+    record = build_record(cell, info, name, output, cell.seed, device, wall, started)
     if dist_utils.is_main():
         return write_record(results_dir, record)
     return record_path(results_dir, cell.key)
@@ -240,18 +251,18 @@ def main(args) -> int:
     for cell in cells:
         if cell.done or cell.missing_data:
             continue
-        log.info("running %s [%s]", cell.protocol, cell.preset_label)
+        log.info("running %s [%s] seed %d", cell.protocol, cell.preset_label, cell.seed)
         try:
             path = run_cell(cell, args, info, results_dir, data_root, device)
         except InputError as exc:
             log.error("%s failed: %s", cell.protocol, exc)
-            failures.append(f"{cell.protocol}: {exc}")
+            failures.append(f"{cell.protocol} seed {cell.seed}: {exc}")
             continue
         if dist_utils.is_main():
-            print(f"  {cell.protocol}: record {path}")
-    skipped = [c for c in cells if c.missing_data and not c.done]
+            print(f"  {cell.protocol} seed {cell.seed}: record {path}")
+    skipped = {c.protocol: c for c in cells if c.missing_data and not c.done}     # once, not per seed
     if dist_utils.is_main():
-        for cell in skipped:
+        for cell in skipped.values():
             print(f"  {cell.protocol}: skipped ({'; '.join(cell.missing_data)})")
         for failure in failures:
             print(f"  failed: {failure}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -133,26 +134,56 @@ def is_comparable(record: Dict[str, Any]) -> bool:
             and record.get("config") == paper_config(record["protocol"]))
 
 
+@dataclass(frozen=True)
+class Stat:
+    """One table cell over seeds: the per-seed values, their mean and sample std (ddof=1)."""
+    values: Dict[int, float]
+
+    @property
+    def n(self) -> int:
+        return len(self.values)
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.values.values())
+
+    @property
+    def std(self) -> Optional[float]:
+        return statistics.stdev(self.values.values()) if self.n > 1 else None
+
+
 @dataclass
 class Row:
-    """One checkpoint under one preset label: its latest record per protocol."""
+    """One checkpoint under one preset label: per protocol, the latest record of each seed.
+
+    Only records of the protocol's latest config count, so a cell never mixes configs."""
     name: str
     sha256: str
     arch: str
     preset: str
-    records: Dict[str, Dict[str, Any]]
+    records: Dict[str, Dict[int, Dict[str, Any]]]
 
     @property
     def label(self) -> str:
         return f"{self.name} [{self.preset}]"
 
-    def comparable(self, protocol: str) -> bool:
-        record = self.records.get(protocol)
-        return record is not None and is_comparable(record)
+    def seeds(self) -> List[int]:
+        """Every seed that any cell of this checkpoint has: what a complete cell holds."""
+        return sorted({seed for by_seed in self.records.values() for seed in by_seed})
 
-    def value(self, column: Column) -> Optional[float]:
-        record = self.records.get(column.protocol)
-        return None if record is None else metric_value(record["metrics"], column.metric)
+    def comparable(self, protocol: str) -> bool:
+        by_seed = self.records.get(protocol)
+        return bool(by_seed) and all(is_comparable(r) for r in by_seed.values())
+
+    def stat(self, column: Column) -> Optional[Stat]:
+        by_seed = self.records.get(column.protocol) or {}
+        values = {seed: metric_value(r["metrics"], column.metric) for seed, r in sorted(by_seed.items())}
+        values = {seed: v for seed, v in values.items() if v is not None}
+        return Stat(values) if values else None
+
+    def missing_seeds(self, column: Column) -> List[int]:
+        stat = self.stat(column)
+        return [] if stat is None else [s for s in self.seeds() if s not in stat.values]
 
 
 def build_rows(records: Sequence[Dict[str, Any]]) -> List[Row]:
@@ -162,7 +193,10 @@ def build_rows(records: Sequence[Dict[str, Any]]) -> List[Row]:
         name = ckpt.get("name") or Path(ckpt["path"]).stem
         group = (name, ckpt["sha256"], record["preset"])
         row = rows.setdefault(group, Row(name, ckpt["sha256"], ckpt.get("arch", "?"), record["preset"], {}))
-        row.records[record["protocol"]] = record      # the latest record of a protocol wins
+        by_seed = row.records.setdefault(record["protocol"], {})
+        if any(r["config_hash"] != record["config_hash"] for r in by_seed.values()):
+            by_seed.clear()                       # a newer config of the protocol replaces the older
+        by_seed[int(record["seed"])] = record     # the latest record of a (protocol, seed) wins
     return [rows[k] for k in sorted(rows)]
 
 
@@ -172,29 +206,48 @@ def fmt(value: Optional[float]) -> str:
 
 
 def fmt_cell(row: Row, column: Column, published: Optional[float]) -> str:
-    value = row.value(column)
-    if value is None:
+    """`mean ± std (n=N)` over seeds (just the value for one seed), the seeds this cell lacks
+    that other cells of the checkpoint have, then ‡ or the delta of the mean to the paper."""
+    stat = row.stat(column)
+    if stat is None:
         return "–"
+    text = f"{stat.mean:.2f}" if stat.n == 1 else f"{stat.mean:.2f} ± {stat.std:.2f} (n={stat.n})"
+    missing = row.missing_seeds(column)
+    if missing:
+        text += f" [missing seed{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))}]"
     if not row.comparable(column.protocol):
-        return f"{value:.2f} {NOT_COMPARABLE}"
+        return f"{text} {NOT_COMPARABLE}"
     if published is None:
-        return f"{value:.2f}"
-    return f"{value:.2f} ({value - published:+.2f})"
+        return text
+    return f"{text} ({stat.mean - published:+.2f})"
+
+
+def per_seed_rows(row: Row, columns: Sequence[Column], base: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """CSV rows of one checkpoint: one per seed, then mean, std (ddof=1) and n when seeds > 1."""
+    stats = {c.header: row.stat(c) for c in columns}
+    seeds = sorted({seed for stat in stats.values() if stat for seed in stat.values})
+    out = [{**base, "seed": str(seed), **{h: st.values.get(seed) if st else None for h, st in stats.items()}}
+           for seed in seeds]
+    if len(seeds) > 1:
+        out.append({**base, "seed": "mean", **{h: st.mean if st else None for h, st in stats.items()}})
+        out.append({**base, "seed": "std", **{h: st.std if st else None for h, st in stats.items()}})
+        out.append({**base, "seed": "n", **{h: st.n if st else 0 for h, st in stats.items()}})
+    return out
 
 
 def section_frames(section: Section, rows: List[Row], published: Dict[str, Any]) -> Tuple[pd.DataFrame, pd.DataFrame]:
-    """(markdown-ready strings, raw numbers for CSV) for one section."""
+    """(markdown-ready strings, per-seed numbers for CSV) for one section."""
     pub = [published_value(published, c) for c in section.columns]
     display = [["Published DenseCL"] + [fmt(v) for v in pub]]
-    raw = [{"checkpoint": "published", "sha256": "", "preset": "paper", "comparable": True,
+    raw = [{"checkpoint": "published", "sha256": "", "preset": "paper", "comparable": True, "seed": "",
             **{c.header: v for c, v in zip(section.columns, pub)}}]
     for row in rows:
         if not any(c.protocol in row.records for c in section.columns):
             continue
         display.append([row.label] + [fmt_cell(row, c, p) for c, p in zip(section.columns, pub)])
-        raw.append({"checkpoint": row.name, "sha256": row.sha256[:12], "preset": row.preset,
-                    "comparable": all(row.comparable(c.protocol) for c in section.columns if c.protocol in row.records),
-                    **{c.header: row.value(c) for c in section.columns}})
+        base = {"checkpoint": row.name, "sha256": row.sha256[:12], "preset": row.preset,
+                "comparable": all(row.comparable(c.protocol) for c in section.columns if c.protocol in row.records)}
+        raw += per_seed_rows(row, section.columns, base)
     headers = ["Model"] + [c.header for c in section.columns]
     return pd.DataFrame(display, columns=headers), pd.DataFrame(raw)
 
@@ -228,7 +281,7 @@ def plot_lowshot(rows: List[Row], published: Dict[str, Any], path: Path) -> bool
     lowshot = [c for c in section.columns if c.protocol == "lowshot_svm_voc07"]
     series = []
     for row in rows:
-        points = [(k, row.value(c)) for k, c in zip(LOWSHOT_KS, lowshot) if row.value(c) is not None]
+        points = [(k, row.stat(c)) for k, c in zip(LOWSHOT_KS, lowshot) if row.stat(c) is not None]
         if points:
             series.append((row.label + ("" if row.comparable("lowshot_svm_voc07") else f" {NOT_COMPARABLE}"), points))
     if not series:
@@ -236,8 +289,9 @@ def plot_lowshot(rows: List[Row], published: Dict[str, Any], path: Path) -> bool
     fig, ax = plt.subplots(figsize=(6, 4))
     pub = [(k, published_value(published, c)) for k, c in zip(LOWSHOT_KS, lowshot)]
     ax.plot([k for k, _ in pub], [v for _, v in pub], "k--o", label="Published DenseCL")
-    for label, points in series:
-        ax.plot([k for k, _ in points], [v for _, v in points], "-o", label=label)
+    for label, points in series:        # error bars: sample std over seeds (none for one seed)
+        ax.errorbar([k for k, _ in points], [st.mean for _, st in points],
+                    yerr=[st.std or 0.0 for _, st in points], fmt="-o", capsize=3, label=label)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("positives per class k")
     ax.set_ylabel("VOC07 test mAP (%)")
@@ -307,24 +361,39 @@ def per_class_values(record: Dict[str, Any]) -> Optional[Dict[str, Optional[floa
     return None
 
 
+def per_class_stats(by_seed: Dict[int, Dict[str, Any]]) -> Optional[Dict[str, Tuple[float, float]]]:
+    """{class: (mean, sample std or 0)} over the seeds of one cell; None = no per-class values.
+    A class absent from a split (None) counts as 0, as it is drawn."""
+    per_seed = [v for v in (per_class_values(r) for _, r in sorted(by_seed.items())) if v]
+    if not per_seed:
+        return None
+    out = {}
+    for name in per_seed[0]:
+        values = [float(v.get(name) or 0.0) for v in per_seed]
+        out[name] = (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
+    return out
+
+
 def plot_per_class(rows: List[Row], protocol: str, ylabel: str, path: Path) -> bool:
-    """Grouped bars of per-class values (AP or IoU) of every row that has a record of `protocol`."""
+    """Grouped bars of per-class values (AP or IoU) of every row that has a record of `protocol`:
+    the mean over seeds, with the sample std over seeds as error bars."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    series = [(row.label, per_class_values(row.records[protocol])) for row in rows if protocol in row.records]
-    series = [(label, values) for label, values in series if values]
+    series = [(row.label, per_class_stats(row.records[protocol])) for row in rows if protocol in row.records]
+    series = [(label, stats) for label, stats in series if stats]
     if not series:
         return False
     classes = list(series[0][1])
     width = 0.8 / len(series)
     fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(classes)), 4))
-    for i, (label, values) in enumerate(series):
-        heights = [values.get(c) or 0.0 for c in classes]         # None = class absent from the split
-        ax.bar(np.arange(len(classes)) + i * width, heights, width, label=label)
+    for i, (label, stats) in enumerate(series):
+        means = [stats.get(c, (0.0, 0.0))[0] for c in classes]
+        stds = [stats.get(c, (0.0, 0.0))[1] for c in classes]
+        ax.bar(np.arange(len(classes)) + i * width, means, width, yerr=stds, capsize=2, label=label)
     ax.set_xticks(np.arange(len(classes)) + 0.4 - width / 2)
     ax.set_xticklabels(classes, rotation=60, ha="right", fontsize=7)
     ax.set_ylabel(ylabel)
@@ -354,7 +423,11 @@ def published_sources(published: Dict[str, Any]) -> List[str]:
 LEGEND = (f"Our numbers from comparable runs (paper protocol, unaltered config) show the delta to the "
           f"published value in parentheses. {NOT_COMPARABLE} marks a run that is **not comparable** "
           f"(tiny preset, fast mode or an altered config): it checks that the pipeline works and is "
-          f"never a reproduction of the published number. – means no record or no published value.")
+          f"never a reproduction of the published number. – means no record or no published value. "
+          f"With several evaluation seeds a cell shows mean ± std (n=seeds), std being the sample "
+          f"standard deviation (ddof=1), and the delta is that of the mean; [missing seed S] names "
+          f"seeds that other cells of the same checkpoint have and this one lacks. Per-seed values "
+          f"are in the CSV files; error bars in the figures are the same std.")
 
 
 def results_page(records, rows, published, assets: Path, asset_prefix: str, results_dir: Path) -> str:
@@ -388,13 +461,12 @@ def results_page(records, rows, published, assets: Path, asset_prefix: str, resu
 
 def zoo_page(records, rows, published, assets: Path) -> str:
     table = [["Published DenseCL", "resnet50", "paper"] + [fmt(published_value(published, c)) for c in ZOO_COLUMNS]]
-    raw = [{"checkpoint": "published", "arch": "resnet50", "preset": "paper",
+    raw = [{"checkpoint": "published", "arch": "resnet50", "preset": "paper", "seed": "",
             **{c.header: published_value(published, c) for c in ZOO_COLUMNS}}]
     for row in rows:
         table.append([row.label, row.arch, row.preset]
                      + [fmt_cell(row, c, published_value(published, c)) for c in ZOO_COLUMNS])
-        raw.append({"checkpoint": row.name, "arch": row.arch, "preset": row.preset,
-                    **{c.header: row.value(c) for c in ZOO_COLUMNS}})
+        raw += per_seed_rows(row, ZOO_COLUMNS, {"checkpoint": row.name, "arch": row.arch, "preset": row.preset})
     pd.DataFrame(raw).to_csv(assets / "zoo.csv", index=False, float_format="%.4f")
     frame = pd.DataFrame(table, columns=["Model", "Arch", "Preset"] + [c.header for c in ZOO_COLUMNS])
     return "\n".join(["# densebench model zoo", "", f"Regenerated from {len(records)} record(s).", "",
