@@ -18,9 +18,9 @@ configs) pin, with the bound of each remaining difference:
 - forward and inference (C4 and Mask R-CNN FPN, mapped random weights): features, RPN outputs,
   anchors, proposals, boxes, scores, labels equal to 1e-4 px / 1e-5; pasted binary masks
   identical;
-- training: anchor assignment and regression targets identical; with injected proposals and an
-  injected sampler every loss term to 1e-4 (relative) and every parameter's gradient to 1e-4
-  of its largest entry;
+- training (C4 and Mask R-CNN FPN): anchor and RoI assignment and regression targets
+  identical; with injected proposals and an injected sampler every loss term to 1e-4
+  (relative) and every parameter's gradient to 1e-4 of its largest entry;
 - data: image size, padding, scale factor, boxes, labels, masks identical for injected scale
   and flip draws; the input tensor differs by at most one grey level (1/57.12 after
   normalisation, mean < 0.3 of that) because mmdet resizes the uint8 image with OpenCV;
