@@ -459,8 +459,8 @@ def test_zero_byte_image_in_a_dataloader_worker(synth_root, resnet18_checkpoint,
                      "--preset", "tiny", "--out", out, "--workers", "2")
     output = result.stdout + result.stderr
     assert result.returncode == 1 and "Traceback" not in output and "RuntimeError" not in output, output
-    failed = [line for line in result.stdout.splitlines() if "failed: knn_imagenet:" in line]
-    assert failed == [f"  failed: knn_imagenet: {culprit}: image file is empty (0 bytes)"], output
+    failed = [line for line in result.stdout.splitlines() if "failed: knn_imagenet seed 0:" in line]
+    assert failed == [f"  failed: knn_imagenet seed 0: {culprit}: image file is empty (0 bytes)"], output
     assert records(out) == []
 
 
@@ -482,6 +482,6 @@ def test_segmentation_label_above_class_count_during_training(synth_root, resnet
                      "--preset", "tiny", "--out", out, "--workers", "2")
     output = result.stdout + result.stderr
     assert result.returncode == 1 and "Traceback" not in output and "IndexError" not in output, output
-    failed = [line for line in result.stdout.splitlines() if "failed: seg_voc12aug_fcn:" in line]
+    failed = [line for line in result.stdout.splitlines() if "failed: seg_voc12aug_fcn seed 0:" in line]
     assert len(failed) == 1 and "SegmentationClassAug" in failed[0] and "[60]" in failed[0], output
     assert records(out) == []
