@@ -122,17 +122,15 @@ def schedule(name: str) -> Dict[str, Any]:
                 "solver_runs": len(cfg.layers)}
     if name == "lowshot_svm_voc07":        # its features come from svm_voc07's cache
         return {"train_steps": 0, "step_images": 0, "eval_images": 0, "solver_runs": len(cfg.layers)}
-    if name == "det_voc0712_c4":
-        from densebench.protocols.detection import scaled_schedule
-        sched = scaled_schedule(cfg.base_lr, cfg.max_iter, cfg.lr_steps, cfg.warmup_iters, cfg.warmup_factor,
-                                cfg.images_per_step, cfg.images_per_gpu)
+    if name == "det_voc0712_c4":        # the reference total batch of 16 at any GPU count (images_per_gpu 0);
+        # the timed run uses 2 images per process, the per-GPU batch of the 8-GPU reference
         evals = cfg.max_iter // cfg.eval_interval if cfg.eval_interval else 1
-        return {"train_steps": sched.max_iter, "step_images": cfg.images_per_gpu,
+        return {"train_steps": cfg.max_iter, "step_images": cfg.images_per_step,
                 "eval_images": evals * SIZES["voc07_test"]}
-    if name == "det_coco_maskrcnn_fpn":
+    if name == "det_coco_maskrcnn_fpn":  # one aspect group: mmdet's per-group padding adds <= 1 step per group and epoch
         from densebench.protocols.det_coco_maskrcnn_fpn import train_schedule
-        sched = train_schedule(cfg, SIZES["coco_train"], cfg.images_per_gpu)
-        return {"train_steps": sched.max_iter, "step_images": cfg.images_per_gpu,
+        sched = train_schedule(cfg, [0] * SIZES["coco_train"], cfg.images_per_step)
+        return {"train_steps": sched.max_iter, "step_images": cfg.images_per_step,
                 "eval_images": cfg.epochs * SIZES["coco_val"]}
     if name.startswith("seg_"):
         n_val = SIZES["voc12_val" if "voc12" in name else "cityscapes_val"]

@@ -61,7 +61,7 @@ def test_schedule_lengths_are_the_paper_protocols():
     assert table_cost.schedule("linear_imagenet_mhead") == {"train_steps": 90 * 5005, "step_images": 256,
                                                             "eval_images": 9 * 50_000}
     assert table_cost.schedule("linear_places205_mhead")["train_steps"] == 28 * 9566
-    assert table_cost.schedule("det_coco_maskrcnn_fpn") == {"train_steps": 12 * 7330 * 8, "step_images": 2,
+    assert table_cost.schedule("det_coco_maskrcnn_fpn") == {"train_steps": 12 * 7330, "step_images": 16,
                                                             "eval_images": 12 * 5_000}
     assert table_cost.schedule("seg_voc12aug_fcn") == {"train_steps": 20_000, "step_images": 16,
                                                        "eval_images": 10 * 1_449}
