@@ -4,8 +4,9 @@
 #   ./run_all.sh
 #       Built-in default: synthetic data, tiny scale, every protocol, report. Creates .venv if
 #       needed, writes the synthetic benchmark, pre-trains DenseCL (ResNet-18, tiny preset),
-#       evaluates the DenseCL checkpoint and a random-init baseline on all 11 protocols and
-#       writes results/report.md and results/zoo.md. About 10-15 minutes on 2 CPU cores.
+#       evaluates the DenseCL checkpoint and a random-init baseline on all 11 protocols (the
+#       baseline in a second process beside pre-training, log in results/logs/) and writes
+#       results/report.md and results/zoo.md. See the README for the measured time.
 #       Every protocol runs once per evaluation seed (--seeds, default 0,1,2 here); the report
 #       shows mean ± std over them.
 #
@@ -38,7 +39,7 @@ while [ $# -gt 0 ]; do
     --name) name="$2"; shift 2;;
     --seed) seed="$2"; shift 2;;
     --seeds) seeds="$2"; shift 2;;
-    -h|--help) sed -n '2,17p' "$0"; exit 0;;
+    -h|--help) sed -n '2,18p' "$0"; exit 0;;
     *) echo "run_all.sh: unknown argument $1 (see --help)" >&2; exit 2;;
   esac
 done
