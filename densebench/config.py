@@ -104,13 +104,9 @@ def coerce(value: Any, hint: Any) -> Any:
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
             return None
         value = coerce(value, _optional_inner(bare))
-    elif origin is Literal:  # str choices, or int choices given as int (YAML) or text (--set)
-        matches = [choice for choice in args if not isinstance(value, bool)
-                   and (value == choice if isinstance(value, type(choice)) else
-                        isinstance(value, str) and value == str(choice))]
-        if not matches:
+    elif origin is Literal:
+        if not (isinstance(value, str) and value in args):
             raise _Mismatch
-        value = matches[0]
     elif origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise _Mismatch

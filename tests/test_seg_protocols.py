@@ -102,3 +102,22 @@ def test_interrupted_run_resumes_exactly(synth_root, resnet18_checkpoint, tmp_pa
     # a finished run only reports: no training
     again = seg_voc12aug_fcn.run(_context(resnet18_checkpoint, synth_root, tmp_path / "b"), cfg)
     assert again.metrics == straight.metrics and again.extra["resumed_from"] == 4
+
+
+def test_backbone_geometry_equals_torchvision_dilated_resnet():
+    """The FCN backbone (ResNet-D8 with mmseg's contract_dilation) equals torchvision's own dilated
+    ResNet-50 (`replace_stride_with_dilation=[False, True, True]`, whose first block of a dilated
+    stage keeps the previous dilation) on the same weights, and maps 64 px to 8 px."""
+    import torchvision
+
+    cfg = seg_voc12aug_fcn.Config(head_channels=16, aux_channels=8)
+    reference = torchvision.models.resnet50(weights=None, replace_stride_with_dilation=[False, True, True]).eval()
+    state = {k: v for k, v in reference.state_dict().items() if not k.startswith("fc.")}
+    ours = segmentation.build_segmentor("resnet50", state, cfg).eval()
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        c3, c4 = ours.backbone_features(x)
+        net = reference
+        expected = net.layer4(net.layer3(net.layer2(net.layer1(net.maxpool(net.relu(net.bn1(net.conv1(x))))))))
+    assert c3.shape[-1] == c4.shape[-1] == 8
+    torch.testing.assert_close(c4, expected, rtol=1e-5, atol=1e-5)

@@ -32,7 +32,6 @@ class Config:
     slide_crop: Tuple[PositiveInt, PositiveInt] = (769, 769)
     slide_stride: Tuple[PositiveInt, PositiveInt] = (513, 513)
     # model (PROTOCOLS.md 9 "Model": as section 8 with align_corners True)
-    output_stride: Literal[8, 16] = 8                  # ResNet-D8 (the configs); 16 only layer4 dilated
     head_channels: PositiveInt = 512
     aux_channels: PositiveInt = 256
     dropout: Fraction = 0.1

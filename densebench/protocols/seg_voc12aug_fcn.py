@@ -32,7 +32,6 @@ class Config:
     slide_crop: Tuple[PositiveInt, PositiveInt] = (512, 512)  # unused with mode 'whole'
     slide_stride: Tuple[PositiveInt, PositiveInt] = (341, 341)  # unused with mode 'whole'
     # model (PROTOCOLS.md 8, "Backbone" / "Decode head" / "Aux head")
-    output_stride: Literal[8, 16] = 8                  # ResNet-D8 (the configs); 16 only layer4 dilated
     head_channels: PositiveInt = 512                   # FCNHead channels
     aux_channels: PositiveInt = 256                    # auxiliary FCNHead channels
     dropout: Fraction = 0.1                            # Dropout2d before the classifier

@@ -496,17 +496,9 @@ class FCNSegmentor(nn.Module):
         return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=self.align_corners)
 
 
-# output stride -> (layer1..4 strides, dilations): 8 = ResNet-D8 of the FCN configs; 16 = layer3
-# strided as in the plain ResNet and only layer4 dilated (a quarter of D8's layer4 work, for the
-# CPU-size tiny preset, which is never comparable anyway).
-STAGE_GEOMETRY = {8: ((1, 2, 1, 1), (1, 1, 2, 4)), 16: ((1, 2, 2, 1), (1, 1, 1, 2))}
-
-
 def build_segmentor(arch: str, backbone_state: Dict[str, torch.Tensor], cfg: Any) -> FCNSegmentor:
-    """The FCN model (ResNet-D8 unless cfg.output_stride says otherwise) with the checkpoint's
-    backbone loaded strictly (every tensor must match)."""
-    strides, dilations = STAGE_GEOMETRY[cfg.output_stride]
-    backbone = build_dilated_resnet(arch, strides, dilations, contract_dilation=True)
+    """The FCN-D8 model with the checkpoint's backbone loaded strictly (every tensor must match)."""
+    backbone = build_dilated_resnet(arch, contract_dilation=True)
     backbone.load_state_dict(backbone_state, strict=True)
     return FCNSegmentor(backbone, cfg.num_classes, cfg.head_channels, cfg.aux_channels, cfg.dropout, cfg.align_corners)
 
