@@ -115,6 +115,8 @@ CASES = [
      ["linear_imagenet.rrc_scale", "in [0, 1]"]),
     ("set-layer-name", EV[:-1] + ["svm_voc07", "--set", "svm_voc07.layers=[feat6]"], None, 1,
      ["svm_voc07.layers", "feat1, feat2, feat3, feat4, feat5", "feat6"]),
+    ("set-protocol-not-run", EV + ["--set", "svm_voc07.batch_size=8"], None, 1,
+     ["--set svm_voc07.batch_size", "svm_voc07 is not among the protocols to run", "knn_imagenet"]),
     ("set-unknown-field", EV + ["--set", "knn_imagenet.temprature=0.1"], None, 1,
      ["--set knn_imagenet", "unknown config field 'temprature'"]),
     ("set-no-equals", EV + ["--set", "knn_imagenet.amp"], None, 1, ["--set expects key=value"]),

@@ -71,8 +71,10 @@ def split_overrides(items: List[str], protocols: List[str]) -> Dict[str, Dict[st
         protocol, _, field_name = key.partition(".")
         if not field_name or protocol not in PROTOCOL_ORDER:
             raise InputError(None, f"--set expects PROTOCOL.FIELD=VALUE, got {key!r}")
-        if protocol in per_protocol:
-            per_protocol[protocol][field_name] = value
+        if protocol not in per_protocol:  # a typo'd --protocols would otherwise drop it silently
+            raise InputError(None, f"--set {key}: {protocol} is not among the protocols to run "
+                                   f"({', '.join(protocols)})")
+        per_protocol[protocol][field_name] = value
     return per_protocol
 
 
