@@ -116,12 +116,13 @@ def check_data(cells: List[Cell], data_root: Path, skip_absent: bool) -> None:
             raise InputError(None, f"{cell.protocol} cannot run: {exc}") from exc
 
 
-# Wall seconds of each protocol under the tiny preset, ResNet-18, measured with ./run_all.sh on
-# 2 CPU cores: the estimate shown before a first tiny run (later runs use their own records).
+# Wall seconds of each protocol under the tiny preset, ResNet-18: medians over the 6 cells of
+# ./run_all.sh on 2 CPU cores (two single-threaded evaluations side by side, commit 559672d):
+# the estimate shown before a first tiny run (later runs use their own records).
 TYPICAL_TINY_S = {
-    "svm_voc07": 9, "lowshot_svm_voc07": 1, "knn_imagenet": 2, "linear_imagenet_mhead": 5,
-    "linear_imagenet": 7, "linear_places205_mhead": 4, "linear_inat18_mhead": 3, "det_voc0712_c4": 30,
-    "det_coco_maskrcnn_fpn": 8, "seg_voc12aug_fcn": 6, "seg_cityscapes_fcn": 7,
+    "svm_voc07": 2, "lowshot_svm_voc07": 1, "knn_imagenet": 1, "linear_imagenet_mhead": 10,
+    "linear_imagenet": 13, "linear_places205_mhead": 9, "linear_inat18_mhead": 6, "det_voc0712_c4": 63,
+    "det_coco_maskrcnn_fpn": 23, "seg_voc12aug_fcn": 8, "seg_cityscapes_fcn": 29,
 }
 
 
