@@ -17,11 +17,11 @@ ALL_PARTS = (
     "cityscapes_train", "cityscapes_val",
 )
 TINY_COUNTS = {
-    "imagenet_train": 160, "imagenet_val": 50, "places205_train": 96, "places205_val": 32,
-    "inat18_train": 96, "inat18_val": 32, "voc07_cls_trainval": 100, "voc07_cls_test": 100,
+    "imagenet_train": 160, "imagenet_val": 200, "places205_train": 96, "places205_val": 128,
+    "inat18_train": 96, "inat18_val": 128, "voc07_cls_trainval": 100, "voc07_cls_test": 100,
     "voc07_det_trainval": 100, "voc07_det_test": 100, "voc12_det_trainval": 40,
     "voc12_seg_train": 24, "voc12_seg_aug": 24, "voc12_seg_val": 16,
-    "coco_train2017": 48, "coco_val2017": 16, "cityscapes_train": 12, "cityscapes_val": 4,
+    "coco_train2017": 48, "coco_val2017": 32, "cityscapes_train": 12, "cityscapes_val": 4,
 }
 
 
@@ -57,7 +57,7 @@ def test_json_output(synth_root, capsys):
     assert set(report["protocols"]) == {"svm_voc07", "knn_imagenet"}
     assert report["protocols"]["svm_voc07"]["can_run"] is True
     assert set(report["parts"]) == {"voc07_cls_trainval", "voc07_cls_test", "imagenet_train", "imagenet_val"}
-    assert report["parts"]["imagenet_val"] == {"status": "present", "count": 50, "detail": "50 images, 10 classes"}
+    assert report["parts"]["imagenet_val"] == {"status": "present", "count": 200, "detail": "200 images, 10 classes"}
 
 
 def test_removed_split_file_blocks_detection_only(data_copy, capsys):

@@ -24,7 +24,7 @@ def test_synth_imagenet(synth_root):
     root = layout.imagenet_root(synth_root)
     train, val = read_imagenet(root, "train"), read_imagenet(root, "val")
     assert Counter(label for _, label in train) == {label: 16 for label in range(10)}
-    assert Counter(label for _, label in val) == {label: 5 for label in range(10)}
+    assert Counter(label for _, label in val) == {label: 20 for label in range(10)}
     # train labels are the sorted wnid positions of the class folders
     wnids = sorted(p.name for p in (root / "train").iterdir())
     assert all(path.parent.name == wnids[label] for path, label in train)
@@ -46,14 +46,14 @@ def test_synth_places205(synth_root):
     root = layout.places205_root(synth_root)
     train, val = read_places205(root, "train"), read_places205(root, "val")
     assert Counter(label for _, label in train) == {label: 12 for label in range(8)}
-    assert Counter(label for _, label in val) == {label: 4 for label in range(8)}
+    assert Counter(label for _, label in val) == {label: 16 for label in range(8)}
     assert not set(train) & set(val)
     assert load_image(val[0][0]).size == (96, 96)
 
 
 def test_synth_inat18_list_and_json_agree(synth_root, tmp_path):
     root = layout.inat18_root(synth_root)
-    for split, per_category in (("train", 12), ("val", 4)):
+    for split, per_category in (("train", 12), ("val", 16)):
         samples = read_inat18(root, split)
         assert Counter(label for _, label in samples) == {label: per_category for label in range(8)}
         assert all("train_val2018/train_val2018" not in str(path) for path, _ in samples)
@@ -108,7 +108,7 @@ def test_synth_voc12_seg(synth_root):
         assert (255 in values) == (label.parent.name == "SegmentationClass")  # Aug has no border band
 
 
-@pytest.mark.parametrize("split, count", [("train", 48), ("val", 16)])
+@pytest.mark.parametrize("split, count", [("train", 48), ("val", 32)])
 def test_synth_coco(synth_root, split, count):
     root = layout.coco_root(synth_root)
     coco, images = read_coco_instances(root / "annotations" / f"instances_{split}2017.json", root / f"{split}2017")
