@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Dict, Iterator, List, Tuple
+
+log = logging.getLogger(__name__)
 
 
 def _default_file_mode() -> int:
@@ -67,3 +70,28 @@ def numpy_save_atomic(dest: "str | os.PathLike", array) -> None:
     with atomic_path(dest) as tmp:
         with open(tmp, "wb") as fh:
             np.save(fh, array)
+
+
+def read_jsonl(path: "str | os.PathLike") -> List[Tuple[str, Dict[str, Any]]]:
+    """(line, parsed object) for every non-blank line of an append-only JSON-lines log.
+
+    Appends are not atomic: a process killed while writing leaves a partial last line, which is
+    dropped with a warning. A line that is not a JSON object anywhere else is damage we cannot
+    explain, so it is an InputError naming the file and line."""
+    from densebench.errors import InputError
+
+    numbered = [(no, line) for no, line in enumerate(Path(path).read_text(errors="replace").splitlines(), start=1)
+                if line.strip()]
+    entries = []
+    for position, (line_no, line) in enumerate(numbered):
+        try:
+            entry = json.loads(line)
+            if not isinstance(entry, dict):
+                raise ValueError("not a JSON object")
+        except ValueError:
+            if position == len(numbered) - 1:
+                log.warning("%s: dropped a partial last line (a run killed while writing it)", path)
+                continue
+            raise InputError(Path(path), f"line {line_no} is not a log record") from None
+        entries.append((line, entry))
+    return entries

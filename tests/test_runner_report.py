@@ -19,6 +19,7 @@ import torch
 import torchvision
 
 from densebench import cli
+from densebench.errors import InputError
 from densebench.evaluate import runner
 from densebench.results import report, store
 
@@ -292,3 +293,18 @@ def test_per_class_bars_average_over_seeds(fakes, checkpoint, tmp_path):
     assert stats["cat"] == pytest.approx((values[:, 0].mean(), values[:, 0].std(ddof=1)))
     assert stats["dog"] == pytest.approx((values[:, 1].mean(), values[:, 1].std(ddof=1)))
     assert "svm_voc07_per_class.png" in report.write_report(tmp_path / "res").read_text()
+
+
+def test_report_reads_a_pretrain_log_with_a_partial_last_line(tmp_path, caplog):
+    """A run killed (or still running) while appending leaves a partial last line: the report
+    plots the complete lines and warns; a damaged line before the last is an error naming it."""
+    log_path = tmp_path / "pretrain" / "run" / "log.jsonl"
+    log_path.parent.mkdir(parents=True)
+    log_path.write_text('{"iteration": 1, "loss": 4.5}\n\n{"iteration": 2, "loss": 4.25}\n{"iteration": 3, "lo')
+    with caplog.at_level("WARNING"):
+        logs = report.read_pretrain_logs(tmp_path)
+    assert logs == [("run", [{"iteration": 1, "loss": 4.5}, {"iteration": 2, "loss": 4.25}])]
+    assert "dropped a partial last line" in caplog.text
+    log_path.write_text('{"iteration": 1, "loss": 4.5}\n[1, 2\n{"iteration": 3, "loss": 4.0}\n')
+    with pytest.raises(InputError, match=r"log.jsonl: line 2 is not a log record"):
+        report.read_pretrain_logs(tmp_path)

@@ -33,7 +33,7 @@ from densebench import distributed as dist_utils
 from densebench.config import (Fraction, NonNegativeInt, PositiveFloat, PositiveInt, Seed, config_dict, make_config,
                                parse_set_options)
 from densebench.errors import InputError
-from densebench.io import torch_save_atomic, write_json_atomic, write_text_atomic
+from densebench.io import read_jsonl, torch_save_atomic, write_json_atomic, write_text_atomic
 from densebench.pretrain.augment import AugmentConfig, two_views
 from densebench.pretrain.model import ARCHS, DenseCL, cosine_lr
 from densebench.pretrain.step import GraphedTrainStep, train_step
@@ -295,33 +295,23 @@ def extract_backbone(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Ten
 def truncate_log(log_path: Path, iteration: int) -> None:
     """Keep only the records up to `iteration` (a resumed run rewrites what followed).
 
-    A process killed while appending leaves a partial last line: that line is dropped with a
+    A process killed while appending leaves a partial last line: `read_jsonl` drops it with a
     note (its iteration is past the checkpoint anyway). An unreadable line elsewhere is damage
     we cannot explain, so it stops the resume naming the line.
     """
     if not log_path.is_file():
         return
-    lines = log_path.read_text(errors="replace").splitlines()
-    last_no = max((no for no, line in enumerate(lines, start=1) if line.strip()), default=0)
-    kept = []
-    for line_no, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            entry = json.loads(line)
-            entry_iteration = int(entry["iteration"])
-        except (ValueError, TypeError, KeyError):
-            if line_no == last_no:
-                log.warning("%s: dropped a partial last line (a run killed while writing it)", log_path)
-                continue
-            raise InputError(log_path, f"line {line_no} is not a log record; fix or delete the file to resume") from None
-        if entry_iteration <= iteration:
-            kept.append(line)
+    try:
+        entries = read_jsonl(log_path)
+        kept = [line for line, entry in entries if int(entry["iteration"]) <= iteration]
+    except (InputError, ValueError, TypeError, KeyError) as exc:
+        detail = exc.problem if isinstance(exc, InputError) else "a record without an integer iteration"
+        raise InputError(log_path, f"{detail}; fix or delete the file to resume") from None
     write_text_atomic(log_path, "".join(line + "\n" for line in kept))
 
 
 def read_log(log_path: Path) -> List[dict]:
-    return [json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()]
+    return [entry for _, entry in read_jsonl(log_path)]
 
 
 def plot_loss_curve(records: List[dict], out_path: Path) -> None:

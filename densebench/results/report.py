@@ -9,7 +9,6 @@ pre-training logs under RESULTS_DIR/pretrain): the same inputs give byte-identic
 """
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ import pandas as pd
 import yaml
 
 from densebench.errors import InputError
-from densebench.io import write_text_atomic
+from densebench.io import read_jsonl, write_text_atomic
 from densebench.results.store import load_records
 
 PUBLISHED_FILE = Path(__file__).resolve().parent / "published.yaml"
@@ -304,19 +303,11 @@ def plot_lowshot(rows: List[Row], published: Dict[str, Any], path: Path) -> bool
 
 
 def read_pretrain_logs(results_dir: Path) -> List[Tuple[str, List[Dict[str, Any]]]]:
-    """JSON-lines logs of pre-training runs kept under RESULTS_DIR/pretrain/<run>/log.jsonl."""
+    """JSON-lines logs of pre-training runs kept under RESULTS_DIR/pretrain/<run>/log.jsonl; a
+    partial last line (a run killed while appending, or still running) is left out."""
     logs = []
     for path in sorted((results_dir / "pretrain").glob("*/log.jsonl")):
-        entries = []
-        for line_no, line in enumerate(path.read_text().splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InputError(path, f"line {line_no} is not JSON ({exc})") from exc
-            if "iteration" in entry and "loss" in entry:
-                entries.append(entry)
+        entries = [entry for _, entry in read_jsonl(path) if "iteration" in entry and "loss" in entry]
         if entries:
             logs.append((path.parent.name, entries))
     return logs
