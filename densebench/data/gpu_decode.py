@@ -11,7 +11,7 @@ Same protocol definition: the GPU path interprets the protocol's own torchvision
 (`T.Compose` of RandomResizedCrop, Resize, CenterCrop, RandomCrop, RandomHorizontalFlip,
 ColorJitter without hue, ToTensor, Lighting, Normalize). For each sample it calls the same
 `get_params` / `torch.rand` / `torch.normal` draws in the same order under the same per-sample
-seed as `LabelledImages`, so crop boxes, flips, jitter factors and lighting are identical; the
+seed as `data.labelled.LabelledImages`, so crop boxes, flips, jitter factors and lighting are identical; the
 colour jitter reproduces Pillow's ImageEnhance arithmetic exactly (8-bit truncation after each
 op). Only the decoder and the antialiased bilinear resize differ from PIL, by at most one 8-bit
 level, which the jitter can amplify to a few (bounds in tests/test_gpu_decode.py). Anything else (a transform this module does not know,
@@ -31,11 +31,11 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import Dataset
 from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
 from densebench.data.image import load_image
+from densebench.data.labelled import LabelledImages, sample_seed
 
 DECODE_OPTIONS = ("cpu", "device")
 EXIF_ORIENTATION = 0x0112
@@ -245,32 +245,21 @@ def jpeg_header(data: bytes) -> Optional[Tuple[int, int]]:
         return None
 
 
-class EncodedImages(Dataset):
+class EncodedImages(LabelledImages):
     """(path, label) pairs -> (EncodedImage or finished tensor, label, index).
 
-    Same seeding as `linear_probe.LabelledImages`: the draws of sample i in epoch e come from
-    a private torch RNG seeded by sample_seed(seed, e, i)."""
+    Same seeding as `LabelledImages`: the draws of sample i in epoch e come from a private
+    torch RNG seeded by sample_seed(seed, e, i)."""
 
     def __init__(self, items: Sequence[Tuple[Path, int]], transform: Callable, seed: int = 0):
-        self.items = list(items)
-        self.transform = transform
-        self.seed = seed
-        self.epoch = 0
+        super().__init__(items, transform, seed)
         try:
             check_transform(transform)
             self.device_path = True
         except Unsupported:
             self.device_path = False
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.items)
-
     def __getitem__(self, index: int):
-        from densebench.protocols.linear_probe import sample_seed
-
         path, label = self.items[index]
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(sample_seed(self.seed, self.epoch, index))

@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from densebench import distributed as dist_utils
 from densebench.config import config_dict
-from densebench.data.image import load_image
+from densebench.data.labelled import LabelledImages
 from densebench.errors import InputError
 from densebench.evaluate.backbone import IMAGENET_MEAN, IMAGENET_STD, LAYERS, forward_features, multi_pool
 from densebench.evaluate.context import ProtocolOutput, RunContext
@@ -113,40 +113,6 @@ def test_transform(resize_size: int, crop_size: int) -> T.Compose:
     """Resize the short side (bilinear), centre crop, normalise: the test preprocessing of 3a/3b/4."""
     return T.Compose([T.Resize(resize_size, interpolation=T.InterpolationMode.BILINEAR),
                       T.CenterCrop(crop_size), T.ToTensor(), normalize()])
-
-
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """A well-mixed 63-bit seed for the augmentation of one sample in one epoch."""
-    state = np.random.SeedSequence([seed, epoch, index]).generate_state(1, dtype=np.uint64)
-    return int(state[0]) & ((1 << 63) - 1)
-
-
-class LabelledImages(Dataset):
-    """(path, label) pairs -> (image tensor, label, index).
-
-    The transform runs under a private torch RNG seeded from (seed, epoch, index), so the
-    augmentation of a sample does not depend on the rank, the worker or the global RNG.
-    """
-
-    def __init__(self, items: Sequence[Tuple[Path, int]], transform: Callable, seed: int = 0):
-        self.items = list(items)
-        self.transform = transform
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, index: int):
-        path, label = self.items[index]
-        image = load_image(path)
-        with torch.random.fork_rng(devices=[]):     # CPU generator only; restored afterwards
-            torch.default_generator.manual_seed(sample_seed(self.seed, self.epoch, index))
-            tensor = self.transform(image)
-        return tensor, int(label), index
 
 
 class CachedFeatures(Dataset):
