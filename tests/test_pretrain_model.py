@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from densebench.pretrain.model import (DenseCL, GhostBatchNorm2d, cosine_lr, info_nce,
-                                      set_ghost_groups)
+                                      set_ghost_groups, similarity_stats)
 
 TEMPERATURE = 0.2
 
@@ -193,6 +193,25 @@ def test_ghost_batchnorm_equals_separate_batchnorms():
                                                       ghost.weight, ghost.bias, False))
 
 
+def test_neck_bn_is_batchnorm_over_each_ghost_group_and_follows_set_ghost_groups():
+    """neck_norm puts a BN after each hidden layer: the global one equals torch's BatchNorm1d on
+    each ghost group's rows, the dense one BatchNorm2d; the default neck has none."""
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in DenseCL("resnet18", queue_len=8).neck.modules())
+    torch.manual_seed(0)
+    model = DenseCL("resnet18", feat_dim=8, hid_dim=16, queue_len=8, neck_norm=True).train()
+    assert [type(m).__name__ for m in model.neck.mlp] == ["Linear", "FlatGhostBatchNorm", "ReLU", "Linear"]
+    assert [type(m).__name__ for m in model.neck.mlp2] == ["Conv2d", "GhostBatchNorm2d", "ReLU", "Conv2d"]
+    set_ghost_groups(model, 2)
+    rows = torch.randn(6, 16) * 2 + 1
+    out = model.neck.mlp[1](rows)
+    reference = torch.nn.BatchNorm1d(16).train()
+    for g, chunk in enumerate(rows.chunk(2)):
+        torch.testing.assert_close(out[3 * g:3 * g + 3], reference(chunk), rtol=1e-5, atol=1e-5)
+    features = torch.randn(4, 512, 2, 2)
+    q, q_grid, q2 = model.neck(features)
+    assert q.shape == (4, 8) and q_grid.shape == (4, 8, 4) and q2.shape == (4, 8)
+
+
 def test_backbone_state_dict_uses_torchvision_names():
     import torchvision
 
@@ -221,3 +240,43 @@ def test_cosine_schedule_per_epoch():
     assert cosine_lr(0.03, 100, 200) == pytest.approx(0.015)
     assert cosine_lr(0.03, 50, 200) == pytest.approx(0.5 * 0.03 * (1 + math.cos(math.pi / 4)))
     assert cosine_lr(0.03, 200, 200) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_similarity_stats_equal_explicit_pairwise_means():
+    """The logged cosines, taken through sums, equal the plain means over every pair (float64
+    loops), for spread-out vectors and for a collapsed batch (all queries alike: cos_batch 1)."""
+    torch.manual_seed(3)
+    q = F.normalize(torch.randn(5, 8), dim=1)
+    k = F.normalize(torch.randn(5, 8), dim=1)
+    queue = F.normalize(torch.randn(8, 7), dim=0)
+    stats = similarity_stats(q, k, queue)
+    qd, kd, queued = q.double(), k.double(), queue.double()
+    pos = sum(float(qd[i] @ kd[i]) for i in range(5)) / 5
+    neg = sum(float(qd[i] @ queued[:, j]) for i in range(5) for j in range(7)) / 35
+    batch = sum(float(qd[i] @ qd[j]) for i in range(5) for j in range(5) if i != j) / 20
+    assert float(stats["cos_pos"]) == pytest.approx(pos, abs=1e-6)
+    assert float(stats["cos_neg"]) == pytest.approx(neg, abs=1e-6)
+    assert float(stats["cos_batch"]) == pytest.approx(batch, abs=1e-6)
+
+    collapsed = F.normalize(torch.ones(4, 8) + 1e-4 * torch.randn(4, 8), dim=1)
+    assert float(similarity_stats(collapsed, collapsed, queue)["cos_batch"]) == pytest.approx(1.0, abs=1e-6)
+    assert math.isnan(float(similarity_stats(q[:1], k[:1], queue)["cos_batch"]))
+
+
+def test_forward_reports_the_similarity_stats_of_its_own_features():
+    """The step's cos_* come from the same q, k and queue (before the enqueue) as its loss:
+    recomputed here from a copy of the model stepped by hand."""
+    model = _model()
+    twin = copy.deepcopy(model)
+    torch.manual_seed(1)
+    im_q, im_k = torch.randn(4, 3, 64, 64), torch.randn(4, 3, 64, 64)
+    perm = torch.arange(4)
+    queue_before = model.queue.clone()
+    out = model(im_q, im_k, perm, loss_lambda=0.5, ghost_groups=1)
+    with torch.no_grad():
+        q = F.normalize(twin.neck(twin.backbone(im_q))[0], dim=1)
+        twin.momentum_update()
+        k = F.normalize(twin.neck_k(twin.backbone_k(im_k))[0], dim=1)
+    expected = similarity_stats(q, k, queue_before)
+    for key in ("cos_pos", "cos_neg", "cos_batch"):
+        assert float(out[key]) == pytest.approx(float(expected[key]), abs=1e-5), key

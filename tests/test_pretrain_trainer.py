@@ -113,6 +113,23 @@ def test_resume_ignores_retired_options_in_a_saved_config_with_a_note(image_root
     assert "fast_weight_grad" not in rewritten and "fast_weight_grad" not in rewritten["config"]
 
 
+def test_resume_of_a_run_saved_before_an_option_existed(image_root, tmp_path):
+    """A checkpoint whose config lacks an option added later (it ran with that option's default)
+    resumes at the default and is refused with any other value."""
+    cfg = small_config(epochs=1)
+    train(cfg, _paths(image_root), tmp_path, show_progress=False, stop_after_iters=3)
+    ckpt_path = read_latest(tmp_path)
+    ckpt = torch.load(ckpt_path, weights_only=True)
+    for added in ("neck_bn", "color_jitter_p", "grayscale_p", "blur_p", "crop_scale_min"):
+        del ckpt["config"][added]
+    torch.save(ckpt, ckpt_path)
+
+    with pytest.raises(InputError, match="config differs.*neck_bn"):
+        train(dataclasses.replace(cfg, neck_bn=True), _paths(image_root), tmp_path, resume=True, show_progress=False)
+    train(cfg, _paths(image_root), tmp_path, resume=True, show_progress=False)
+    assert read_latest(tmp_path).name == "epoch_0001.pth" and len(read_log(tmp_path / "log.jsonl")) == 4
+
+
 def test_checkpoint_retention_keeps_latest_and_interval_epochs(image_root, tmp_path):
     cfg = small_config(epochs=3, checkpoint_interval=3, keep_epoch_interval=2)
     train(cfg, _paths(image_root), tmp_path, show_progress=False)
@@ -184,7 +201,31 @@ def test_tiny_preset_loss_falls_on_synthetic_data(synth_root, tmp_path):
     after_fill = sum(losses[filled:filled + 10]) / 10
     last = sum(losses[-10:]) / 10
     assert last < after_fill - 0.1, (after_fill, last)
+    # and it learns to tell instances apart instead of collapsing: over the last 10 steps the
+    # queries of a batch are nearly orthogonal and a query is closer to its own key than to the
+    # queue (with the paper's colour jitter and no neck BN: query-query cosine 1.000 from step 20)
+    tail = records[-10:]
+    cos_batch = sum(r["cos_batch"] for r in tail) / 10
+    margin = sum(r["cos_pos"] - r["cos_neg"] for r in tail) / 10
+    assert cos_batch < 0.3 and margin > 0.4, (cos_batch, margin)
     assert (tmp_path / "backbone.pth").is_file() and (tmp_path / "loss_curve.png").is_file()
+
+
+def test_collapse_warning_reads_the_tail_of_the_log(caplog):
+    """A run whose queries point one way over its last 10% of steps gets one warning; a run that
+    collapsed only early, and a log from before the cosines were logged, get none."""
+    from densebench.pretrain.trainer import collapse_cosine, warn_if_collapsed
+
+    collapsed_late = [{"cos_batch": 0.2}] * 90 + [{"cos_batch": 0.99}] * 10
+    collapsed_early = [{"cos_batch": 0.999}] * 90 + [{"cos_batch": 0.1}] * 10
+    assert collapse_cosine(collapsed_late) == pytest.approx(0.99)
+    assert collapse_cosine(collapsed_early) == pytest.approx(0.1)
+    assert collapse_cosine([{"loss": 1.0}]) is None
+    with caplog.at_level("WARNING", logger="densebench.pretrain.trainer"):
+        for records in (collapsed_late, collapsed_early, [{"loss": 1.0}]):
+            warn_if_collapsed(records)
+    warnings_ = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings_) == 1 and "collapsed" in warnings_[0] and "0.990" in warnings_[0]
 
 
 KILL_TEST_SETS = ["arch=resnet18", "epochs=2", "batch_size=8", "queue_len=32", "image_size=32", "feat_dim=16",

@@ -14,8 +14,8 @@ The forward pass follows the reference ([0x] mmselfsup/models/algorithms/densecl
    dense projection, one vector per image), keys all-gathered over ranks first.
 
 State-dict naming (the densebench checkpoint format): `backbone.*` (torchvision ResNet names,
-no fc), `neck.mlp.{0,2}`, `neck.mlp2.{0,2}`, `backbone_k.*`, `neck_k.*`, `queue`, `queue_ptr`,
-`queue2`, `queue2_ptr`.
+no fc), `neck.mlp.{0,2}`, `neck.mlp2.{0,2}` (`{0,1,3}`, 1 the BN, with `neck_bn`), `backbone_k.*`,
+`neck_k.*`, `queue`, `queue_ptr`, `queue2`, `queue2_ptr`.
 """
 from __future__ import annotations
 
@@ -114,6 +114,13 @@ def init_backbone(backbone: nn.Module, init_style: str) -> None:
             nn.init.zeros_(module.bias)
 
 
+class FlatGhostBatchNorm(GhostBatchNorm2d):
+    """GhostBatchNorm2d for (N, C) rows, as BatchNorm1d: the neck's optional global-branch BN."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x[:, :, None, None]).flatten(1)
+
+
 def set_ghost_groups(module: nn.Module, groups: int) -> None:
     for sub in module.modules():
         if isinstance(sub, GhostBatchNorm2d):
@@ -128,14 +135,19 @@ class DenseCLNeck(nn.Module):
 
     Returns (q [N, D], q_grid [N, D, S*S], q2 [N, D] = GAP of the dense projection), all
     un-normalised, as [0x]/[DC] DenseCLNeck. `num_grid` None keeps the backbone's grid.
+    `norm` puts a (ghost-)BN after each hidden layer, as MoCo v3's and SimCLR's heads have and
+    DenseCL's has not: it centres the projections over the batch, which keeps a short run from
+    collapsing them to one direction (the tiny preset; measured in its notes).
     """
 
     def __init__(self, in_channels: int, hid_channels: int, out_channels: int,
-                 num_grid: Optional[int] = None, init_style: str = "fan_out"):
+                 num_grid: Optional[int] = None, init_style: str = "fan_out", norm: bool = False):
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(in_channels, hid_channels), nn.ReLU(inplace=True),
+        global_norm = [FlatGhostBatchNorm(hid_channels)] if norm else []
+        dense_norm = [GhostBatchNorm2d(hid_channels)] if norm else []
+        self.mlp = nn.Sequential(nn.Linear(in_channels, hid_channels), *global_norm, nn.ReLU(inplace=True),
                                  nn.Linear(hid_channels, out_channels))
-        self.mlp2 = nn.Sequential(nn.Conv2d(in_channels, hid_channels, 1), nn.ReLU(inplace=True),
+        self.mlp2 = nn.Sequential(nn.Conv2d(in_channels, hid_channels, 1), *dense_norm, nn.ReLU(inplace=True),
                                   nn.Conv2d(hid_channels, out_channels, 1))
         self.num_grid = num_grid
         if init_style == "fan_in":
@@ -194,6 +206,25 @@ def densecl_losses(q, q_grid, q_backbone, k, k_grid, k_backbone, queue, queue2, 
     return loss_global, loss_dense
 
 
+@torch.no_grad()
+def similarity_stats(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """Mean cosines of the global branch: query-positive (`cos_pos`), query-negative over the
+    whole queue (`cos_neg`) and between the distinct queries of the batch (`cos_batch`).
+
+    Why: the loss alone cannot tell instance discrimination from collapse. A run whose queries
+    all point one way (`cos_batch` near 1) can still lower the loss for a while by telling the
+    current keys from the older ones in the queue (the key encoder drifts), and the loss then
+    climbs back to log(K+1) as the drift slows. q, k (N, D) and queue (D, K) are normalised.
+    Cheap: the means are taken through sums, never the N x K or N x N products.
+    """
+    n = q.shape[0]
+    pos = (q * k).sum(dim=1).mean()
+    neg = (q.sum(dim=0) @ queue.sum(dim=1)) / (n * queue.shape[1])
+    total = q.sum(dim=0)
+    batch = ((total @ total - (q * q).sum()) / (n * (n - 1))) if n > 1 else torch.full_like(pos, float("nan"))
+    return {"cos_pos": pos, "cos_neg": neg, "cos_batch": batch}
+
+
 # --------------------------------------------------------------------------- shuffle-BN
 
 
@@ -228,11 +259,11 @@ class DenseCL(nn.Module):
 
     def __init__(self, arch: str = "resnet50", feat_dim: int = 128, hid_dim: int = 0,
                  queue_len: int = 65536, momentum: float = 0.999, temperature: float = 0.2,
-                 num_grid: Optional[int] = None, init_style: str = "fan_out"):
+                 num_grid: Optional[int] = None, init_style: str = "fan_out", neck_norm: bool = False):
         super().__init__()
         self.backbone = ResNetTrunk(arch, init_style)
         in_dim = self.backbone.out_channels
-        self.neck = DenseCLNeck(in_dim, hid_dim or in_dim, feat_dim, num_grid, init_style)
+        self.neck = DenseCLNeck(in_dim, hid_dim or in_dim, feat_dim, num_grid, init_style, neck_norm)
         # key encoder: a copy of the query encoder, never receives gradients
         self.backbone_k = copy.deepcopy(self.backbone)
         self.neck_k = copy.deepcopy(self.neck)
@@ -312,13 +343,14 @@ class DenseCL(nn.Module):
             k_features = self.encode(self.backbone_k, self.neck_k, im_k_shuffled)
             k, k_grid, k2, k_backbone = (unshuffle_after_bn(t, idx_unshuffle) for t in k_features)
         with torch.autocast(device_type=im_q.device.type, enabled=False):
+            queue = self.queue.clone()
             loss_global, loss_dense = densecl_losses(q, q_grid, q_backbone, k, k_grid, k_backbone,
-                                                     self.queue.clone(), self.queue2.clone(),
-                                                     self.temperature)
+                                                     queue, self.queue2.clone(), self.temperature)
+            stats = similarity_stats(q.detach(), k, queue)
         self.enqueue(self.queue, self.queue_ptr, k)
         self.enqueue(self.queue2, self.queue2_ptr, k2)
         loss = (1.0 - loss_lambda) * loss_global + loss_lambda * loss_dense
-        return {"loss": loss, "loss_global": loss_global.detach(), "loss_dense": loss_dense.detach()}
+        return {"loss": loss, "loss_global": loss_global.detach(), "loss_dense": loss_dense.detach(), **stats}
 
 
 def cosine_lr(base_lr: float, epoch: int, total_epochs: int, min_lr: float = 0.0) -> float:

@@ -9,7 +9,8 @@ process run (tests/test_pretrain_ddp.py). Each sample's augmentation is seeded b
 the permutation after a resume are exactly those of an uninterrupted run, with any number of
 loader workers.
 
-Work dir: `log.jsonl` (one JSON line per iteration: losses, lr, pairs/s, data-wait fraction),
+Work dir: `log.jsonl` (one JSON line per iteration: losses, the global branch's mean
+query-positive, query-negative and query-query cosines, lr, pairs/s, data-wait fraction),
 `epoch_NNNN.pth` / `iter_NNNNNNNN.pth` checkpoints (atomic), `latest` (the newest checkpoint's
 file name, written after it), `config.json`, at the end `backbone.pth` ({"state_dict":
 torchvision-named backbone}) and `loss_curve.png`.
@@ -21,7 +22,7 @@ import logging
 import random
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Dict, List, Literal, Optional, Sequence, Tuple
 
@@ -42,6 +43,11 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_KIND = {"kind": "densecl_pretrain", "version": 1}
 LOG_NAME = "log.jsonl"
+# per-step values of the model's output written to the log (see model.similarity_stats)
+LOGGED_STEP_VALUES = ("loss_global", "loss_dense", "cos_pos", "cos_neg", "cos_batch")
+# the last fraction of a run whose mean query-query cosine decides the collapse warning, and
+# the mean above which the global projections count as collapsed (one direction for all images)
+COLLAPSE_TAIL, COLLAPSE_COS = 0.1, 0.95
 LATEST_NAME = "latest"
 # fields that may differ between a run and its resumption without changing the trajectory
 RESUME_FREE_FIELDS = ("workers", "checkpoint_interval", "keep_epoch_interval", "compile", "cuda_graph")
@@ -72,6 +78,14 @@ class PretrainConfig:
     lambda_warmup: bool = False            # DenseCLHook (lambda=0 before start iters); off in the published runs, 1.4
     lambda_warmup_iters: NonNegativeInt = 1000  # DenseCLHook start_iters, 1.4
     image_size: PositiveInt = 224          # RandomResizedCrop output, 1.5
+    # BN after the neck's hidden layers (MoCo v3 / SimCLR heads; DenseCL's neck has none). The
+    # tiny preset turns it on: without it 200 steps collapse the global projections
+    neck_bn: bool = False
+    # Two-view augmentation strength (1.5); the tiny preset weakens it (presets/tiny.yaml says why)
+    crop_scale_min: Fraction = 0.2         # RandomResizedCrop scale (min, 1)
+    color_jitter_p: Fraction = 0.8
+    grayscale_p: Fraction = 0.2
+    blur_p: Fraction = 0.5
     # Images per BN batch inside one process; 32 = the reference's per-GPU BN (12.2). On 8 GPUs
     # x 32 this is plain BN; on one process with 256 it means 8 ghost-BN groups. 0 = BN over the
     # whole per-process batch (a recorded deviation when that is not 32).
@@ -200,7 +214,7 @@ def seed_everything(seed: int) -> None:
 def build_model(cfg: PretrainConfig) -> DenseCL:
     return DenseCL(arch=cfg.arch, feat_dim=cfg.feat_dim, hid_dim=cfg.hid_dim, queue_len=cfg.queue_len,
                    momentum=cfg.ema_momentum, temperature=cfg.temperature, num_grid=cfg.num_grid,
-                   init_style=cfg.init_style)
+                   init_style=cfg.init_style, neck_norm=cfg.neck_bn)
 
 
 def build_optimizer(model: DenseCL, cfg: PretrainConfig) -> torch.optim.SGD:
@@ -276,6 +290,8 @@ def check_resume_config(path: Path, saved: dict, current: dict) -> None:
         log.info("%s: ignoring %s, option(s) of an earlier densebench version that no longer exist",
                  path, ", ".join(f"{k}={saved[k]!r}" for k in retired))
         saved = {k: v for k, v in saved.items() if k not in RETIRED_FIELDS}
+    # an option added after the run started: the run had its default behaviour
+    saved = {**{f.name: f.default for f in fields(PretrainConfig) if f.name not in saved}, **saved}
     different = sorted(k for k in set(saved) | set(current)
                        if k not in RESUME_FREE_FIELDS and saved.get(k) != current.get(k))
     if different:
@@ -314,20 +330,49 @@ def read_log(log_path: Path) -> List[dict]:
     return [entry for _, entry in read_jsonl(log_path)]
 
 
+def collapse_cosine(records: List[dict]) -> Optional[float]:
+    """Mean query-query cosine over the last COLLAPSE_TAIL of the logged steps (None: not logged)."""
+    values = [r["cos_batch"] for r in records if isinstance(r.get("cos_batch"), (int, float))]
+    if not values:
+        return None
+    tail = values[-max(1, int(len(values) * COLLAPSE_TAIL)):]
+    return float(np.mean(tail))
+
+
+def warn_if_collapsed(records: List[dict]) -> None:
+    cosine = collapse_cosine(records)
+    if cosine is not None and cosine > COLLAPSE_COS:
+        log.warning("the global projections have collapsed: mean cosine between the images of a batch "
+                    "is %.3f over the last %d%% of the steps (above %.2f), so the loss measured the key "
+                    "encoder's drift, not instance discrimination; see cos_pos/cos_neg in the log",
+                    cosine, round(100 * COLLAPSE_TAIL), COLLAPSE_COS)
+
+
 def plot_loss_curve(records: List[dict], out_path: Path) -> None:
+    """Losses (left) and, when logged, the global branch's mean cosines (right)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     iterations = [r["iteration"] for r in records]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    cosines = all("cos_batch" in r for r in records)
+    fig, axes = plt.subplots(1, 2 if cosines else 1, figsize=(11 if cosines else 7, 4), squeeze=False)
+    ax = axes[0][0]
     for key, label in (("loss", "total"), ("loss_global", "global"), ("loss_dense", "dense")):
         ax.plot(iterations, [r[key] for r in records], label=label, linewidth=1)
     ax.set_xlabel("iteration")
     ax.set_ylabel("loss")
     ax.set_title("DenseCL pre-training")
     ax.legend()
+    if cosines:
+        ax = axes[0][1]
+        for key, label in (("cos_pos", "query-positive"), ("cos_neg", "query-queue"),
+                           ("cos_batch", "query-query (collapse if near 1)")):
+            ax.plot(iterations, [r[key] for r in records], label=label, linewidth=1)
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("mean cosine (global branch)")
+        ax.legend(fontsize=8)
     fig.tight_layout()
     from densebench.io import atomic_path
 
@@ -452,7 +497,9 @@ def train(cfg: PretrainConfig, image_paths: Sequence[Path], work_dir: "str | Pat
 
     sampler = ResumableBatchSampler(len(image_paths), cfg.batch_size, cfg.epochs, cfg.seed, start_iter,
                                     dist_utils.rank(), dist_utils.world_size())
-    dataset = TwoViewDataset(image_paths, AugmentConfig(size=cfg.image_size), cfg.seed)
+    augment = AugmentConfig(size=cfg.image_size, scale=(cfg.crop_scale_min, 1.0), jitter_p=cfg.color_jitter_p,
+                            grayscale_p=cfg.grayscale_p, blur_p=cfg.blur_p)
+    dataset = TwoViewDataset(image_paths, augment, cfg.seed)
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.workers,
                         pin_memory=device.type == "cuda", persistent_workers=cfg.workers > 0,
                         prefetch_factor=4 if cfg.workers > 0 else None)
@@ -482,16 +529,16 @@ def train(cfg: PretrainConfig, image_paths: Sequence[Path], work_dir: "str | Pat
             out = run_step(im_q, im_k, perm, loss_lambda, ghost_groups)
             iteration += 1
 
-            losses = torch.stack([out["loss_global"], out["loss_dense"]]).float()
-            if dist_utils.is_dist():
-                torch.distributed.all_reduce(losses)
-                losses /= dist_utils.world_size()
-            loss_global, loss_dense = (float(v) for v in losses.cpu())
+            logged = torch.stack([out[key] for key in LOGGED_STEP_VALUES]).float()
+            if dist_utils.is_dist():  # means over the ranks (cos_batch: within each rank's batch)
+                torch.distributed.all_reduce(logged)
+                logged /= dist_utils.world_size()
+            values = dict(zip(LOGGED_STEP_VALUES, (float(v) for v in logged.cpu())))
             done = time.perf_counter()
             step_time = done - tick
             record = {"iteration": iteration, "epoch": epoch,
-                      "loss": (1.0 - loss_lambda) * loss_global + loss_lambda * loss_dense,
-                      "loss_global": loss_global, "loss_dense": loss_dense, "loss_lambda": loss_lambda,
+                      "loss": (1.0 - loss_lambda) * values["loss_global"] + loss_lambda * values["loss_dense"],
+                      **values, "loss_lambda": loss_lambda,
                       "lr": lr, "pairs_per_s": cfg.batch_size / step_time,
                       "data_wait_frac": (data_ready - tick) / step_time}
             tick = done
@@ -522,6 +569,7 @@ def train(cfg: PretrainConfig, image_paths: Sequence[Path], work_dir: "str | Pat
         records = read_log(work_dir / LOG_NAME)
         if records:
             plot_loss_curve(records, work_dir / "loss_curve.png")
+            warn_if_collapsed(records)
     dist_utils.barrier()
     return read_latest(work_dir, must_exist=False) if main_process else latest
 
