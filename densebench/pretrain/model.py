@@ -218,10 +218,10 @@ def similarity_stats(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor) -> D
     Cheap: the means are taken through sums, never the N x K or N x N products.
     """
     n = q.shape[0]
+    q_total = q.sum(dim=0)
     pos = (q * k).sum(dim=1).mean()
-    neg = (q.sum(dim=0) @ queue.sum(dim=1)) / (n * queue.shape[1])
-    total = q.sum(dim=0)
-    batch = ((total @ total - (q * q).sum()) / (n * (n - 1))) if n > 1 else torch.full_like(pos, float("nan"))
+    neg = (q_total @ queue.sum(dim=1)) / (n * queue.shape[1])
+    batch = ((q_total @ q_total - (q * q).sum()) / (n * (n - 1))) if n > 1 else torch.full_like(pos, float("nan"))
     return {"cos_pos": pos, "cos_neg": neg, "cos_batch": batch}
 
 

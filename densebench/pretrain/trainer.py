@@ -22,7 +22,7 @@ import logging
 import random
 import time
 import warnings
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Literal, Optional, Sequence, Tuple
 
@@ -290,8 +290,9 @@ def check_resume_config(path: Path, saved: dict, current: dict) -> None:
         log.info("%s: ignoring %s, option(s) of an earlier densebench version that no longer exist",
                  path, ", ".join(f"{k}={saved[k]!r}" for k in retired))
         saved = {k: v for k, v in saved.items() if k not in RETIRED_FIELDS}
-    # an option added after the run started: the run had its default behaviour
-    saved = {**{f.name: f.default for f in fields(PretrainConfig) if f.name not in saved}, **saved}
+    # an option added after the run started: the run had its default behaviour (in the saved
+    # dict's own form, config_dict's, so a tuple default compares equal to its JSON list)
+    saved = {**config_dict(PretrainConfig()), **saved}
     different = sorted(k for k in set(saved) | set(current)
                        if k not in RESUME_FREE_FIELDS and saved.get(k) != current.get(k))
     if different:
