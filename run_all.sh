@@ -5,7 +5,8 @@
 #       Built-in default: synthetic data, tiny scale, every protocol, report. Creates .venv if
 #       needed, writes the synthetic benchmark, pre-trains DenseCL (ResNet-18, tiny preset),
 #       evaluates the DenseCL checkpoint and a random-init baseline on all 11 protocols (the
-#       baseline in a second process beside pre-training, log in results/logs/) and writes
+#       weights pre-training starts from, so the two differ by the pre-training alone; evaluated
+#       in a second process beside pre-training, log in results/logs/) and writes
 #       results/report.md and results/zoo.md. See the README for the measured time.
 #       Every protocol runs once per evaluation seed (--seeds, default 0,1,2 here); the report
 #       shows mean ± std over them.
@@ -62,8 +63,11 @@ if [ "$preset" = tiny ]; then
   # threads (small tensors): the random-init baseline is evaluated in the background while
   # DenseCL pre-trains and is evaluated in the foreground; the baseline's log goes to a file.
   threads=$(( $(nproc) / 2 )); [ "$threads" -ge 1 ] || threads=1
-  baseline="$out/checkpoints/random_init_resnet18.pth"
-  [ -f "$baseline" ] || python -m densebench.evaluate.random_init --arch resnet18 --seed "$seed" --out "$baseline"
+  # the random-init baseline is the exact starting point of the pre-training below (same preset,
+  # arch and seed): the two rows then differ by the pre-training, not also by the random draw
+  baseline="$out/checkpoints/pretrain_init_resnet18_seed$seed.pth"
+  [ -f "$baseline" ] || python -m densebench.evaluate.random_init --arch resnet18 --pretrain-preset tiny \
+    --seed "$seed" --out "$baseline"
   mkdir -p "$out/logs"
   baseline_log="$out/logs/evaluate_random_init.log"
   step "3/6 evaluating the random-init baseline on every protocol in the background (log: $baseline_log)"
@@ -75,7 +79,8 @@ if [ "$preset" = tiny ]; then
   if [ -z "$checkpoint" ]; then
     step "4/6 pre-training DenseCL (tiny preset, ResNet-18)"
     resume=(); [ -f "$work/latest" ] && resume=(--resume)
-    OMP_NUM_THREADS=$threads densebench pretrain --data "$data_root/imagenet" --work-dir "$work" --preset tiny --arch resnet18 "${resume[@]}"
+    OMP_NUM_THREADS=$threads densebench pretrain --data "$data_root/imagenet" --work-dir "$work" --preset tiny --arch resnet18 \
+      --set seed="$seed" "${resume[@]}"
     checkpoint="$work/$(cat "$work/latest")"
   fi
   step "5/6 evaluating the DenseCL checkpoint on every protocol"

@@ -3,7 +3,7 @@
     python benchmarks/pretrain_drift.py WORK_DIR [WORK_DIR ...]
 
 For each work dir of `densebench pretrain` (started from scratch, not --init-from) this rebuilds
-the run's initial model from its saved config, exactly as the trainer does (seed, then build),
+the run's initial model from its saved config (trainer.initial_backbone_state: seed, then build),
 and prints, for the stem and each residual stage, over the stage's conv weights:
 - the relative distance ||w_end - w_init|| / ||w_init||,
 - the norm ratio ||w_end|| / ||w_init||.
@@ -23,7 +23,7 @@ from typing import Dict, List, Tuple
 
 import torch
 
-from densebench.pretrain.trainer import PretrainConfig, build_model, read_latest, seed_everything
+from densebench.pretrain.trainer import PretrainConfig, initial_backbone_state, read_latest
 
 STAGES = ("conv1", "layer1", "layer2", "layer3", "layer4")
 
@@ -34,13 +34,6 @@ def saved_config(work_dir: Path) -> PretrainConfig:
     fields = {f.name for f in dataclasses.fields(PretrainConfig)}
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in fields}
     return dataclasses.replace(PretrainConfig(), **values)
-
-
-def initial_backbone(cfg: PretrainConfig) -> Dict[str, torch.Tensor]:
-    """The query backbone's weights at iteration 0 of a run with this config."""
-    seed_everything(cfg.seed)
-    model = build_model(cfg)
-    return {k[len("backbone."):]: v for k, v in model.state_dict().items() if k.startswith("backbone.")}
 
 
 def final_backbone(work_dir: Path) -> Dict[str, torch.Tensor]:
@@ -68,7 +61,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     print(f"{'run':32s} " + " ".join(f"{s:>15s}" for s in STAGES))
     for work_dir in args.work_dirs:
-        rows = stage_drift(final_backbone(work_dir), initial_backbone(saved_config(work_dir)))
+        rows = stage_drift(final_backbone(work_dir), initial_backbone_state(saved_config(work_dir)))
         print(f"{work_dir.name[:32]:32s} " + " ".join(f"{d:6.3f} (x{r:5.2f})" for _, d, r in rows))
     print("each cell: ||w_end - w_init|| / ||w_init|| (||w_end|| / ||w_init||) over the stage's conv weights")
     return 0

@@ -1,5 +1,5 @@
-"""benchmarks/pretrain_drift.py: the rebuilt initial weights are the trainer's, and the per-stage
-distances match a hand computation."""
+"""trainer.initial_backbone_state is where a run starts (used by benchmarks/pretrain_drift.py and
+the run_all baseline), and the drift script's per-stage distances match a hand computation."""
 from __future__ import annotations
 
 import importlib.util
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from densebench.pretrain.trainer import read_training_images, train
+from densebench.pretrain.trainer import initial_backbone_state, read_training_images, train
 from test_pretrain_helpers import small_config, write_image_folder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,14 +30,14 @@ def runs(tmp_path_factory):
 
 def test_a_run_at_lr_zero_ends_at_the_rebuilt_initial_weights(runs):
     end = drift.final_backbone(runs / "frozen")
-    init = drift.initial_backbone(drift.saved_config(runs / "frozen"))
+    init = initial_backbone_state(drift.saved_config(runs / "frozen"))
     convs = [k for k, v in init.items() if v.dim() == 4]
     assert len(convs) == 20  # ResNet-18: stem, 16 block convs, 3 downsamples
     for key in convs:
         assert torch.equal(end[key], init[key]), key
     assert [row[1] for row in drift.stage_drift(end, init)] == [0.0] * 5
     # and a run that learnt moved every stage (so the equality above is not vacuous)
-    moved = drift.stage_drift(drift.final_backbone(runs / "moving"), drift.initial_backbone(drift.saved_config(runs / "moving")))
+    moved = drift.stage_drift(drift.final_backbone(runs / "moving"), initial_backbone_state(drift.saved_config(runs / "moving")))
     assert all(distance > 1e-4 for _, distance, _ in moved)
 
 
@@ -59,3 +59,40 @@ def test_stage_distances_match_a_hand_computation():
     assert rows["layer1"] == pytest.approx((n2 / total, n1 / total))
     assert rows["layer2"] == rows["layer4"] == (0.0, 1.0)
     assert rows["layer3"] == pytest.approx((2.0, 1.0))
+
+
+def test_random_init_baseline_is_the_start_of_the_tiny_pretraining(tmp_path):
+    """`random_init --pretrain-preset tiny` (run_all.sh's baseline) holds the weights a tiny run of
+    that seed trains from: compared with a one-step run at lr 0 through the real trainer."""
+    from densebench.config import make_config
+    from densebench.evaluate.random_init import main as random_init_main
+    from densebench.pretrain.trainer import PretrainConfig, read_latest
+
+    assert random_init_main(["--arch", "resnet18", "--pretrain-preset", "tiny", "--seed", "2",
+                             "--out", str(tmp_path / "baseline.pth")]) == 0
+    baseline = torch.load(tmp_path / "baseline.pth", weights_only=True)
+    cfg, _ = make_config(PretrainConfig, "pretrain", "tiny",
+                         {"arch": "resnet18", "seed": 2, "lr": 0.0, "epochs": 1, "workers": 0})
+    paths = read_training_images(write_image_folder(tmp_path / "images", num_images=cfg.batch_size))
+    train(cfg, paths, tmp_path / "run", show_progress=False)
+    started = torch.load(read_latest(tmp_path / "run"), weights_only=True)["state_dict"]
+    convs = [k for k, v in baseline.items() if v.dim() == 4]
+    assert len(convs) == 20
+    for key in convs:
+        assert torch.equal(baseline[key], started[f"backbone.{key}"]), key
+    # torchvision's resnet18 takes it strictly (no fc), and another seed is another draw
+    import torchvision
+
+    missing, unexpected = torchvision.models.resnet18().load_state_dict(baseline, strict=False)
+    assert missing == ["fc.weight", "fc.bias"] and unexpected == []
+    assert random_init_main(["--arch", "resnet18", "--pretrain-preset", "tiny", "--seed", "3",
+                             "--out", str(tmp_path / "other.pth")]) == 0
+    assert not torch.equal(torch.load(tmp_path / "other.pth", weights_only=True)["conv1.weight"], baseline["conv1.weight"])
+
+
+def test_random_init_refuses_an_arch_pretraining_does_not_know(tmp_path, capsys):
+    from densebench.evaluate.random_init import main as random_init_main
+
+    assert random_init_main(["--arch", "vgg16", "--pretrain-preset", "tiny", "--out", str(tmp_path / "x.pth")]) == 1
+    assert "unknown --arch 'vgg16'" in capsys.readouterr().err
+    assert not (tmp_path / "x.pth").exists()

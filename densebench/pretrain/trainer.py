@@ -217,6 +217,17 @@ def build_model(cfg: PretrainConfig) -> DenseCL:
                    init_style=cfg.init_style, neck_norm=cfg.neck_bn)
 
 
+def initial_backbone_state(cfg: PretrainConfig) -> Dict[str, torch.Tensor]:
+    """The query backbone's weights at iteration 0 of a run with `cfg`, torchvision key names.
+
+    `train` seeds and then builds the model, so the same two calls give its exact starting point:
+    run_all.sh's random-init baseline (the same network minus the pre-training) and the reference
+    of benchmarks/pretrain_drift.py."""
+    seed_everything(cfg.seed)
+    state = build_model(cfg).state_dict()
+    return {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+
+
 def build_optimizer(model: DenseCL, cfg: PretrainConfig) -> torch.optim.SGD:
     """SGD over every trainable (query) parameter, WD on all of them (PROTOCOLS.md 1.6)."""
     return torch.optim.SGD(model.query_parameters(), lr=cfg.lr, momentum=cfg.sgd_momentum,
