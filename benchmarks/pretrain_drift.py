@@ -15,7 +15,6 @@ The README's finding that 200 tiny steps leave layer3-4 within ~10-20% of their 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -23,17 +22,20 @@ from typing import Dict, List, Tuple
 
 import torch
 
-from densebench.pretrain.trainer import PretrainConfig, initial_backbone_state, read_latest
+from densebench.config import apply_overrides
+from densebench.pretrain.trainer import (RETIRED_FIELDS, PretrainConfig, extract_backbone, initial_backbone_state,
+                                         read_latest)
 
 STAGES = ("conv1", "layer1", "layer2", "layer3", "layer4")
 
 
 def saved_config(work_dir: Path) -> PretrainConfig:
-    """The run's PretrainConfig from config.json (options it predates keep their defaults)."""
-    saved = json.loads((work_dir / "config.json").read_text())["config"]
-    fields = {f.name for f in dataclasses.fields(PretrainConfig)}
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in fields}
-    return dataclasses.replace(PretrainConfig(), **values)
+    """The run's PretrainConfig from config.json, checked and converted as preset values are
+    (options it predates keep their defaults, retired ones are dropped)."""
+    path = work_dir / "config.json"
+    saved = json.loads(path.read_text())["config"]
+    return apply_overrides(PretrainConfig(), {k: v for k, v in saved.items() if k not in RETIRED_FIELDS},
+                           "config.json", path)
 
 
 def final_backbone(work_dir: Path) -> Dict[str, torch.Tensor]:
@@ -41,7 +43,7 @@ def final_backbone(work_dir: Path) -> Dict[str, torch.Tensor]:
     ckpt = torch.load(read_latest(work_dir), map_location="cpu", weights_only=True)
     if "init_from" in ckpt:
         raise SystemExit(f"{work_dir}: started from {ckpt['init_from']}, not from a seeded init")
-    return {k[len("backbone."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("backbone.")}
+    return extract_backbone(ckpt["state_dict"])
 
 
 def stage_drift(end: Dict[str, torch.Tensor], init: Dict[str, torch.Tensor]) -> List[Tuple[str, float, float]]:

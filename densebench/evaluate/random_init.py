@@ -30,13 +30,9 @@ def random_init_state_dict(arch: str, seed: int) -> dict:
 
 def pretrain_init_state_dict(arch: str, preset: str, seed: int) -> dict:
     """The backbone a pre-training run of this preset, arch and seed starts from."""
-    from densebench.config import make_config
-    from densebench.pretrain.model import ARCHS
-    from densebench.pretrain.trainer import PretrainConfig, initial_backbone_state
+    from densebench.pretrain.trainer import initial_backbone_state, pretrain_config
 
-    if arch not in ARCHS:
-        raise InputError(None, f"unknown --arch {arch!r}; pre-training knows {', '.join(ARCHS)}")
-    cfg, _ = make_config(PretrainConfig, "pretrain", preset, {"arch": arch, "seed": seed})
+    cfg, _ = pretrain_config(preset, {"seed": seed}, arch)
     return initial_backbone_state(cfg)
 
 

@@ -224,8 +224,7 @@ def initial_backbone_state(cfg: PretrainConfig) -> Dict[str, torch.Tensor]:
     run_all.sh's random-init baseline (the same network minus the pre-training) and the reference
     of benchmarks/pretrain_drift.py."""
     seed_everything(cfg.seed)
-    state = build_model(cfg).state_dict()
-    return {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+    return extract_backbone(build_model(cfg).state_dict())
 
 
 def build_optimizer(model: DenseCL, cfg: PretrainConfig) -> torch.optim.SGD:
@@ -368,23 +367,21 @@ def plot_loss_curve(records: List[dict], out_path: Path) -> None:
     import matplotlib.pyplot as plt
 
     iterations = [r["iteration"] for r in records]
-    cosines = all("cos_batch" in r for r in records)
-    fig, axes = plt.subplots(1, 2 if cosines else 1, figsize=(11 if cosines else 7, 4), squeeze=False)
-    ax = axes[0][0]
-    for key, label in (("loss", "total"), ("loss_global", "global"), ("loss_dense", "dense")):
-        ax.plot(iterations, [r[key] for r in records], label=label, linewidth=1)
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("loss")
-    ax.set_title("DenseCL pre-training")
-    ax.legend()
-    if cosines:
-        ax = axes[0][1]
-        for key, label in (("cos_pos", "query-positive"), ("cos_neg", "query-queue"),
-                           ("cos_batch", "query-query (collapse if near 1)")):
+    # (y label, title, legend font size, (logged key, legend label) per line)
+    panels = [("loss", "DenseCL pre-training", None,
+               (("loss", "total"), ("loss_global", "global"), ("loss_dense", "dense")))]
+    if all("cos_batch" in r for r in records):
+        panels.append(("mean cosine (global branch)", "", 8,
+                       (("cos_pos", "query-positive"), ("cos_neg", "query-queue"),
+                        ("cos_batch", "query-query (collapse if near 1)"))))
+    fig, axes = plt.subplots(1, len(panels), figsize=(11 if len(panels) == 2 else 7, 4), squeeze=False)
+    for ax, (ylabel, title, fontsize, lines) in zip(axes[0], panels):
+        for key, label in lines:
             ax.plot(iterations, [r[key] for r in records], label=label, linewidth=1)
         ax.set_xlabel("iteration")
-        ax.set_ylabel("mean cosine (global branch)")
-        ax.legend(fontsize=8)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.legend(fontsize=fontsize)
     fig.tight_layout()
     from densebench.io import atomic_path
 
@@ -599,13 +596,17 @@ def read_training_images(data: "str | Path") -> List[Path]:
     return [path for path, _ in read_imagenet(root, "train")]
 
 
+def pretrain_config(preset: str, overrides: Dict[str, object], arch: Optional[str] = None) -> Tuple[PretrainConfig, str]:
+    """The config (and preset label) of `densebench pretrain --preset P [--arch A] [--set ...]`."""
+    if arch:
+        if arch not in ARCHS:
+            raise InputError(None, f"unknown --arch {arch!r}; pre-training knows {', '.join(ARCHS)}")
+        overrides = {**overrides, "arch": arch}
+    return make_config(PretrainConfig, "pretrain", preset, overrides)
+
+
 def main(args) -> int:
-    overrides = parse_set_options(args.set)
-    if args.arch:
-        if args.arch not in ARCHS:
-            raise InputError(None, f"unknown --arch {args.arch!r}; pre-training knows {', '.join(ARCHS)}")
-        overrides["arch"] = args.arch
-    cfg, label = make_config(PretrainConfig, "pretrain", args.preset, overrides)
+    cfg, label = pretrain_config(args.preset, parse_set_options(args.set), args.arch)
     device = dist_utils.init_distributed()
     images = read_training_images(args.data)
     last = train(cfg, images, args.work_dir, resume=args.resume, init_from=args.init_from,
