@@ -23,6 +23,7 @@ from typing import Dict, List, Tuple
 import torch
 
 from densebench.config import apply_overrides
+from densebench.errors import InputError
 from densebench.pretrain.trainer import (RETIRED_FIELDS, PretrainConfig, extract_backbone, initial_backbone_state,
                                          read_latest)
 
@@ -33,6 +34,8 @@ def saved_config(work_dir: Path) -> PretrainConfig:
     """The run's PretrainConfig from config.json, checked and converted as preset values are
     (options it predates keep their defaults, retired ones are dropped)."""
     path = work_dir / "config.json"
+    if not path.is_file():
+        raise InputError(path, "not found: not a `densebench pretrain` work dir")
     saved = json.loads(path.read_text())["config"]
     return apply_overrides(PretrainConfig(), {k: v for k, v in saved.items() if k not in RETIRED_FIELDS},
                            "config.json", path)
@@ -42,7 +45,7 @@ def final_backbone(work_dir: Path) -> Dict[str, torch.Tensor]:
     """The query backbone of the run's newest checkpoint; refuses runs started from another one."""
     ckpt = torch.load(read_latest(work_dir), map_location="cpu", weights_only=True)
     if "init_from" in ckpt:
-        raise SystemExit(f"{work_dir}: started from {ckpt['init_from']}, not from a seeded init")
+        raise InputError(work_dir, f"started from {ckpt['init_from']}, not from a seeded init")
     return extract_backbone(ckpt["state_dict"])
 
 
@@ -61,9 +64,14 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("work_dirs", nargs="+", type=Path)
     args = parser.parse_args(argv)
+    try:  # every work dir is read before anything is printed
+        runs = [(work_dir, saved_config(work_dir), final_backbone(work_dir)) for work_dir in args.work_dirs]
+    except InputError as exc:
+        print(f"pretrain_drift: error: {exc}", file=sys.stderr)
+        return 1
     print(f"{'run':32s} " + " ".join(f"{s:>15s}" for s in STAGES))
-    for work_dir in args.work_dirs:
-        rows = stage_drift(final_backbone(work_dir), initial_backbone_state(saved_config(work_dir)))
+    for work_dir, cfg, end in runs:
+        rows = stage_drift(end, initial_backbone_state(cfg))
         print(f"{work_dir.name[:32]:32s} " + " ".join(f"{d:6.3f} (x{r:5.2f})" for _, d, r in rows))
     print("each cell: ||w_end - w_init|| / ||w_init|| (||w_end|| / ||w_init||) over the stage's conv weights")
     return 0

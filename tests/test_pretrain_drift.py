@@ -96,3 +96,13 @@ def test_random_init_refuses_an_arch_pretraining_does_not_know(tmp_path, capsys)
     assert random_init_main(["--arch", "vgg16", "--pretrain-preset", "tiny", "--out", str(tmp_path / "x.pth")]) == 1
     assert "unknown --arch 'vgg16'" in capsys.readouterr().err
     assert not (tmp_path / "x.pth").exists()
+
+
+def test_drift_script_names_a_dir_that_is_not_a_run_and_prints_nothing(runs, tmp_path, capsys):
+    assert drift.main([str(runs / "frozen"), str(tmp_path)]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.strip().splitlines() == [f"pretrain_drift: error: {tmp_path / 'config.json'}: "
+                                                 "not found: not a `densebench pretrain` work dir"]
+    assert drift.main([str(runs / "frozen")]) == 0
+    assert "frozen" in capsys.readouterr().out
