@@ -2,14 +2,16 @@
 
 Run on CPU, where the device path decodes with torchvision's libjpeg-turbo: the crop boxes and
 flips must be the PIL path's exactly (same draws), and the pixels equal within one 8-bit level
-(measured: at most 1 level, mean 0.16-0.18 levels over 12 images x 3 epochs of natural-spectrum
-JPEGs, 256-500 px, quality 90; torchvision's and Pillow's libjpeg-turbo decode identically, the
-difference is the rounding of the antialiased resize). nvjpeg on CUDA is measured against PIL by
-benchmarks/table_cost.py on the GPU machine.
+(measured: at most 1 level, mean 0.14-0.18 levels over the 6 images x 2 epochs below,
+natural-spectrum JPEGs of benchmarks/table_cost.py, 256-500 px, quality 90; torchvision's and
+Pillow's libjpeg-turbo decode identically, the difference is the rounding of the antialiased
+resize). nvjpeg on CUDA is measured against PIL by benchmarks/table_cost.py on the GPU machine.
 """
 from __future__ import annotations
 
 import importlib
+import importlib.util
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,27 +26,17 @@ from densebench.protocols import linear_probe as lp
 
 LEVEL = torch.tensor(IMAGENET_STD).view(3, 1, 1) * 255.0     # one 8-bit level, after Normalize
 
-
-def natural_jpeg(path, rng, height, width, quality=90):
-    """A JPEG with a 1/f amplitude spectrum per channel (about 5 bits/pixel at quality 90, like
-    ImageNet's photos), so decoding and resizing see realistic detail."""
-    fy, fx = np.fft.fftfreq(height)[:, None], np.fft.rfftfreq(width)[None]
-    amplitude = 1.0 / np.maximum(np.hypot(fy, fx), 1.0 / max(height, width))
-    channels = []
-    for _ in range(3):
-        x = np.fft.irfft2(amplitude * np.exp(2j * np.pi * rng.random(amplitude.shape)), s=(height, width))
-        channels.append((x - x.mean()) / (x.std() + 1e-9))
-    image = np.clip(np.stack(channels, -1) * 40 + 120, 0, 255).astype(np.uint8)
-    Image.fromarray(image).save(path, quality=quality)
-    return path
+# the natural-spectrum JPEG writer of the GPU cost benchmark: the test decodes what it measures
+_spec = importlib.util.spec_from_file_location(
+    "table_cost", Path(__file__).resolve().parents[1] / "benchmarks" / "table_cost.py")
+table_cost = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(table_cost)
 
 
 @pytest.fixture(scope="module")
 def jpegs(tmp_path_factory):
-    rng = np.random.default_rng(0)
-    root = tmp_path_factory.mktemp("jpegs")
-    return [(natural_jpeg(root / f"{i}.jpg", rng, int(rng.integers(256, 501)), int(rng.integers(256, 501))), i)
-            for i in range(6)]
+    paths = table_cost.write_jpegs(tmp_path_factory.mktemp("jpegs"), 6, (256, 500), seed=0)
+    return [(path, i) for i, path in enumerate(paths)]
 
 
 TRANSFORMS = {
