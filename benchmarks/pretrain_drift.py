@@ -25,7 +25,7 @@ import torch
 from densebench.config import apply_overrides
 from densebench.errors import InputError
 from densebench.pretrain.trainer import (RETIRED_FIELDS, PretrainConfig, extract_backbone, initial_backbone_state,
-                                         read_latest)
+                                         load_checkpoint, read_latest)
 
 STAGES = ("conv1", "layer1", "layer2", "layer3", "layer4")
 
@@ -36,14 +36,17 @@ def saved_config(work_dir: Path) -> PretrainConfig:
     path = work_dir / "config.json"
     if not path.is_file():
         raise InputError(path, "not found: not a `densebench pretrain` work dir")
-    saved = json.loads(path.read_text())["config"]
+    try:
+        saved = json.loads(path.read_text())["config"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise InputError(path, f"not a `densebench pretrain` config ({exc.__class__.__name__}: {exc})") from exc
     return apply_overrides(PretrainConfig(), {k: v for k, v in saved.items() if k not in RETIRED_FIELDS},
                            "config.json", path)
 
 
 def final_backbone(work_dir: Path) -> Dict[str, torch.Tensor]:
     """The query backbone of the run's newest checkpoint; refuses runs started from another one."""
-    ckpt = torch.load(read_latest(work_dir), map_location="cpu", weights_only=True)
+    ckpt = load_checkpoint(read_latest(work_dir))
     if "init_from" in ckpt:
         raise InputError(work_dir, f"started from {ckpt['init_from']}, not from a seeded init")
     return extract_backbone(ckpt["state_dict"])

@@ -106,3 +106,23 @@ def test_drift_script_names_a_dir_that_is_not_a_run_and_prints_nothing(runs, tmp
                                                  "not found: not a `densebench pretrain` work dir"]
     assert drift.main([str(runs / "frozen")]) == 0
     assert "frozen" in capsys.readouterr().out
+
+
+def test_drift_script_names_an_unreadable_config_or_checkpoint(runs, tmp_path, capsys):
+    """A broken config.json or a checkpoint that is not ours: one line naming the file, exit 1."""
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(runs / "frozen", broken)
+    (broken / "config.json").write_text("{not json")
+    assert drift.main([str(broken)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"pretrain_drift: error: {broken / 'config.json'}: not a `densebench")
+    shutil.copy(runs / "frozen" / "config.json", broken / "config.json")
+    latest = broken / (broken / "latest").read_text().strip()
+    torch.save({"state_dict": {}}, latest)
+    assert drift.main([str(broken)]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.strip().splitlines() == [
+        f"pretrain_drift: error: {latest}: not a densebench pre-training checkpoint"]
